@@ -99,6 +99,9 @@ def to_transformer_config(
         bf16=bf16,
         pipeline_dtype=params_dtype,
         attention_softmax_in_fp32=True,
+        # Loss is summed per token and the gradient divided by the global token count, so every
+        # layout (and micro-batch split) optimises the same objective.
+        calculate_per_token_loss=True,
         # fused paths that need transformer-engine or apex
         gradient_accumulation_fusion=False,
         bias_dropout_fusion=False,

@@ -1,0 +1,110 @@
+"""One optimizer step over a list of micro-batches, on megatron-core's pipeline schedules."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+
+@dataclass
+class Microbatch:
+    """One micro-batch of this data-parallel rank. Shapes [b, s]; `cu_seqlens` [docs + 1]
+    marks packed documents (b == 1) and makes attention and lightning state document-local."""
+
+    tokens: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    position_ids: Tensor
+    cu_seqlens: Optional[Tensor] = None
+
+    def to(self, device: torch.device) -> "Microbatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Microbatch(*(move(t) for t in (self.tokens, self.labels, self.loss_mask,
+                                               self.position_ids, self.cu_seqlens)))
+
+
+@dataclass
+class StepResult:
+    loss: float  # token-weighted mean LM loss over the global batch
+    tokens: int  # loss tokens in the global batch
+    grad_norm: Optional[float]
+    num_zeros_in_grad: Optional[int]
+    update_successful: bool
+
+
+def packed_seq_params(cu_seqlens: Optional[Tensor], seq_length: int) -> Optional[PackedSeqParams]:
+    if cu_seqlens is None:
+        return None
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    return PackedSeqParams(
+        qkv_format="sbhd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        # Positions run over the whole packed row: the rotary table must cover it.
+        max_seqlen_q=seq_length,
+        max_seqlen_kv=seq_length,
+    )
+
+
+def token_loss(loss_mask: Tensor, per_token_loss: Tensor):
+    """Sum of the masked per-token losses and their count; megatron-core divides the gradient
+    by the global token count (`calculate_per_token_loss`)."""
+    mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * mask).sum()
+    count = mask.sum()
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+
+def forward_step(data_iterator, model):
+    batch: Microbatch = next(data_iterator)
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        None,
+        labels=batch.labels,
+        loss_mask=batch.loss_mask,
+        packed_seq_params=packed_seq_params(batch.cu_seqlens, batch.tokens.shape[1]),
+    )
+    return output, functools.partial(token_loss, batch.loss_mask)
+
+
+def _global_loss(reports: List[dict]) -> tuple[float, int]:
+    """(mean loss, token count) over the global batch, known on every rank."""
+    totals = torch.zeros(2, dtype=torch.float64)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        for report in reports:
+            totals += report["lm loss"].double().cpu()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    totals = totals.to(device)
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+    loss_sum, count = totals.tolist()
+    return loss_sum / max(count, 1.0), int(count)
+
+
+def train_step(model, optimizer, microbatches: List[Microbatch], config) -> StepResult:
+    """Forward and backward over `microbatches` (this DP rank's share), then one optimizer step."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    tokens = microbatches[0].tokens
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        # Every virtual stage walks the same micro-batches.
+        data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=False,
+    )
+    update_successful, grad_norm, num_zeros = optimizer.step()
+    loss, count = _global_loss(reports)
+    return StepResult(loss, count, grad_norm, num_zeros, update_successful)
