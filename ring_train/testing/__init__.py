@@ -1,0 +1,1 @@
+"""Test support that ships with ring-train, for tests of its distributed code."""
