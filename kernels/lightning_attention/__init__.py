@@ -1,9 +1,10 @@
 """Lightning attention (causal linear attention with a per-head constant decay): one dispatch point.
 
 Backends:
+  triton the fused kernels in `triton_kernels.py` (CUDA tensors, or CPU under TRITON_INTERPRET=1);
   torch  the chunked PyTorch form in `reference.py` (any device; the CPU training path);
   fla    fla-core's `chunk_simple_gla` with `g_gamma = -slope` (CUDA; only when selected).
-"auto" (the default) picks torch. Select with `set_backend(name)` or the environment variable
+"auto" (the default) picks triton for CUDA tensors when Triton is installed, else torch. Select with `set_backend(name)` or the environment variable
 RING_LA_BACKEND. A backend that is selected explicitly but cannot run is an error, never a silent
 fallback; the first call on each path logs which path runs.
 """
@@ -19,12 +20,12 @@ from .reference import lightning_attention_chunked, lightning_attention_decode_r
 
 __all__ = ["lightning_attention", "lightning_attention_decode", "set_backend", "get_backend"]
 
-BACKENDS = ("auto", "torch", "fla")
+BACKENDS = ("auto", "triton", "torch", "fla")
 ENV_VAR = "RING_LA_BACKEND"
 
 logger = logging.getLogger(__name__)
 _backend: Optional[str] = None  # None: read ENV_VAR on first use
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, ...]] = set()
 
 
 def set_backend(name: str) -> None:
@@ -45,8 +46,16 @@ def get_backend() -> str:
 def _resolve(q: Tensor) -> str:
     """The backend that runs for inputs on q's device; raises if the selected one cannot."""
     name = get_backend()
+    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
-        name = "torch"
+        name = "triton" if q.is_cuda and has_triton else "torch"
+    if name == "triton":
+        if not has_triton:
+            raise RuntimeError("lightning attention backend 'triton' was selected but Triton is "
+                               f"not installed; select another with {ENV_VAR}")
+        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError(f"lightning attention backend 'triton' needs CUDA tensors (or "
+                               f"TRITON_INTERPRET=1), got {q.device}; select 'torch' or 'auto'")
     if name == "fla":
         if importlib.util.find_spec("fla") is None:
             raise RuntimeError(f"lightning attention backend 'fla' was selected but fla-core is not "
@@ -54,12 +63,16 @@ def _resolve(q: Tensor) -> str:
         if not q.is_cuda:
             raise RuntimeError("lightning attention backend 'fla' needs CUDA tensors, got "
                                f"{q.device}; select 'torch' or 'auto' on this device")
-    key = (name, q.device.type)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("lightning attention: %s backend on %s (selected: %s)", name, q.device.type,
-                    get_backend())
+    _log_once(name, q.device.type, f"lightning attention: {name} backend on {q.device.type} "
+              f"(selected: {get_backend()})")
     return name
+
+
+def _log_once(*key_and_message: str) -> None:
+    *key, message = key_and_message
+    if tuple(key) not in _logged:
+        _logged.add(tuple(key))
+        logger.info(message)
 
 
 def _fla(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens):
@@ -90,6 +103,12 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, *,
     output_final_state.
     """
     backend = _resolve(q)
+    if backend == "triton":
+        from .triton_ops import lightning_attention_triton  # imports Triton only when used
+
+        return lightning_attention_triton(q, k, v, slope, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state,
+                                          cu_seqlens=cu_seqlens)
     if backend == "fla":
         return _fla(q, k, v, slope, scale, initial_state, output_final_state, cu_seqlens)
     return lightning_attention_chunked(q, k, v, slope, scale=scale, initial_state=initial_state,
@@ -100,5 +119,15 @@ def lightning_attention(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, *,
 def lightning_attention_decode(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, state: Tensor, *,
                                scale: Optional[float] = None) -> Tensor:
     """One generated token. q, k, v: [B, H, D]; slope: [H]; state: [B, H, D, D] fp32, updated in
-    place to lambda * state + k^T v. Returns o = scale * q state [B, H, D] in q's dtype."""
+    place to lambda * state + k^T v. Returns o = scale * q state [B, H, D] in q's dtype.
+    Runs the Triton kernel where the backend resolves to triton, else PyTorch (fla-core has no
+    decode step for this layout, so with fla selected the PyTorch step runs, and says so)."""
+    backend = _resolve(q)
+    if backend == "triton":
+        from .triton_ops import lightning_attention_decode_triton
+
+        return lightning_attention_decode_triton(q, k, v, slope, state, scale=scale)
+    if backend == "fla":
+        _log_once("decode", "fla", "lightning attention decode: fla selected; the PyTorch decode "
+                  "step runs")
     return lightning_attention_decode_reference(q, k, v, slope, state, scale=scale)
