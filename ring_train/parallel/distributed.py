@@ -1,7 +1,8 @@
 """Process groups: join the job torchrun started and build megatron-core's parallel groups.
 
 On a GPU machine the backend is NCCL and each process uses the GPU named by LOCAL_RANK. Without
-CUDA the backend is gloo on CPU and `cpu_compat` patches megatron-core so the same code runs.
+CUDA the backend is gloo on CPU. `megatron_patches` makes megatron-core run there, and fixes
+its bugs on paths without Transformer Engine on every device.
 """
 
 import logging
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from ring_train.parallel.cpu_compat import apply_cpu_patches
+from ring_train.parallel.megatron_patches import apply_patches
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def init_distributed(
     tracker with `seed`. Call again after `parallel_state.destroy_model_parallel()` to switch
     layouts within one process group.
     """
-    apply_cpu_patches()  # a no-op where CUDA exists
+    apply_patches()  # CPU patches on CPU; no-TE fixes wherever Transformer Engine is absent
     expert_tensor_parallel = expert_tensor_parallel or tensor_parallel
     _join_process_group()
     validate_layout(

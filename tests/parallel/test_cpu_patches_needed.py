@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import pytest
 
-from ring_train.parallel.cpu_compat import apply_cpu_patches, cpu_patch_names, remove_cpu_patches
+from ring_train.parallel.megatron_patches import apply_patches, patch_names, remove_patches
 from ring_train.testing.multiprocess import run_ranks
 
 from .tiny_gpt import Layout, train, train_resumed
@@ -126,8 +126,8 @@ def _run_cases(rank: int, cases, directory: str) -> dict:
 
     outcomes = {}
     for skip, scenario in cases:
-        remove_cpu_patches()
-        apply_cpu_patches(skip=[skip] if skip else [])
+        remove_patches()
+        apply_patches(skip=[skip] if skip else [])
         try:
             SCENARIOS[scenario][1](os.path.join(directory, f"{scenario}-without-{skip}"))
             outcomes[skip, scenario] = None
@@ -136,7 +136,7 @@ def _run_cases(rank: int, cases, directory: str) -> dict:
             outcomes[skip, scenario] = (type(exc).__name__, str(exc), where)
         finally:
             parallel_state.destroy_model_parallel()
-    remove_cpu_patches()
+    remove_patches()
     return outcomes
 
 
@@ -162,7 +162,7 @@ def outcomes(tmp_path_factory):
 
 
 def test_every_patch_has_a_recorded_need():
-    assert sorted(n.patch for n in NEEDS) == sorted(cpu_patch_names())
+    assert sorted(n.patch for n in NEEDS) == sorted(patch_names())
 
 
 @pytest.mark.parametrize("need", NEEDS, ids=lambda n: n.patch)

@@ -44,7 +44,7 @@ def _init_switch_layouts_and_destroy(rank):
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from ring_train.parallel.cpu_compat import applied_cpu_patches, cpu_patch_names
+    from ring_train.parallel.megatron_patches import applied_patches, patch_names
     from ring_train.parallel.distributed import (
         destroy_distributed,
         device,
@@ -57,7 +57,7 @@ def _init_switch_layouts_and_destroy(rank):
         "backend": dist.get_backend(),
         "device": device().type,
         "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "all_patches_applied": applied_cpu_patches() == cpu_patch_names(),
+        "all_patches_applied": applied_patches() == patch_names(),
         "pipeline_comm_kwargs": pipeline_comm_kwargs(),
     }
     parallel_state.destroy_model_parallel()

@@ -1,12 +1,14 @@
-"""Patches that let megatron-core 0.16.1 run on CPU with gloo (tests and CI; no CUDA, no TE/Apex).
+"""Patches for megatron-core 0.16.1 where it assumes CUDA or Transformer Engine / Apex.
 
-megatron-core assumes CUDA and, on some paths, Transformer Engine or Apex. Each patch below
-removes one such assumption and is registered by name, so a test can skip one and show that the
-scenario needing it still fails (tests/parallel/test_cpu_patches_needed.py). On a machine with
-CUDA nothing is touched.
+Two kinds, each registered by name so a test can skip one and show that the scenario needing
+it still fails (tests/parallel/test_cpu_patches_needed.py):
+  * CPU patches let it run on CPU with gloo (tests and CI); never applied where CUDA exists.
+  * no-TE fixes repair megatron-core bugs on paths without Transformer Engine / Apex; they are
+    applied on every device, GPUs included, whenever Transformer Engine is not installed.
 """
 
 import copy
+import importlib.util
 import logging
 from contextlib import nullcontext
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -17,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 logger = logging.getLogger(__name__)
 
 _PATCHES: Dict[str, Callable[[], None]] = {}
+_NO_TE_FIXES: set = set()  # names of the patches needed on any device without TE
 _applied: Optional[Tuple[str, ...]] = None  # names of the active patches; None before any call
 _undo: List[Callable[[], None]] = []
 
@@ -24,6 +27,11 @@ _undo: List[Callable[[], None]] = []
 def _patch(fn: Callable[[], None]) -> Callable[[], None]:
     _PATCHES[fn.__name__] = fn
     return fn
+
+
+def _no_te_fix(fn: Callable[[], None]) -> Callable[[], None]:
+    _NO_TE_FIXES.add(fn.__name__)
+    return _patch(fn)
 
 
 def _replace(owner: object, attr: str, value: object) -> None:
@@ -164,7 +172,7 @@ def cpu_tensors_report_cuda_type() -> None:
 # --- MoE -----------------------------------------------------------------------------------
 
 
-@_patch
+@_no_te_fix
 def router_gemm_without_te() -> None:
     # moe_utils only defines te_general_gemm when Transformer Engine imports, yet the router
     # gating reads it unconditionally: NameError without TE, on GPUs too (whatever
@@ -237,7 +245,7 @@ def torch_norm_with_sequence_parallel() -> None:
 # (megatron-core bugs on any device without TE/Apex, not only on CPU)
 
 
-@_patch
+@_no_te_fix
 def distopt_fresh_adam_state() -> None:
     # Without TE/Apex, DistributedOptimizer.state_dict() asserts that all torch Adam states share
     # one `step`; a freshly built optimizer has no state at all, so building the template to
@@ -260,7 +268,7 @@ def distopt_fresh_adam_state() -> None:
     _replace(DistributedOptimizer, "state_dict", state_dict)
 
 
-@_patch
+@_no_te_fix
 def distopt_step_per_param() -> None:
     # Without TE/Apex, load_state_dict puts one shared `step` tensor into every parameter's
     # state; torch Adam increments it in place once per parameter, so the bias correction
@@ -278,7 +286,7 @@ def distopt_step_per_param() -> None:
     _replace(DistributedOptimizer, "load_state_dict", load_state_dict)
 
 
-@_patch
+@_no_te_fix
 def distopt_state_copy_skips_step() -> None:
     # The fully_reshardable loader leaves torch Adam's `step` out of the tensors it hands over
     # (load_state_dict has set it), but _set_main_param_and_optimizer_states copies every key
@@ -298,38 +306,53 @@ def distopt_state_copy_skips_step() -> None:
 # --- public API ----------------------------------------------------------------------------
 
 
-def cpu_patch_names() -> Tuple[str, ...]:
+def patch_names() -> Tuple[str, ...]:
     """Names of all registered patches, in the order they are applied."""
     return tuple(_PATCHES)
 
 
-def apply_cpu_patches(skip: Iterable[str] = ()) -> None:
-    """Apply every registered patch except those in `skip`. No-op where CUDA exists.
+def no_te_fix_names() -> Tuple[str, ...]:
+    """Names of the patches that fix megatron-core without Transformer Engine on any device."""
+    return tuple(name for name in _PATCHES if name in _NO_TE_FIXES)
+
+
+def _needed_here() -> Tuple[str, ...]:
+    if not torch.cuda.is_available():
+        return patch_names()
+    if importlib.util.find_spec("transformer_engine") is None:
+        return no_te_fix_names()
+    return ()
+
+
+def apply_patches(skip: Iterable[str] = ()) -> None:
+    """Apply the patches this machine needs, except those in `skip`: all of them on CPU, the
+    no-TE fixes on GPUs without Transformer Engine, none otherwise.
 
     Idempotent: the first call in a process decides which patches are active, and later calls
-    (init_distributed makes one) change nothing until remove_cpu_patches(). That lets a test
+    (init_distributed makes one) change nothing until remove_patches(). That lets a test
     skip a patch and then run code that initializes as usual. Unknown names in `skip` are an
     error, so a misspelled name cannot silently skip nothing.
     """
     skip = set(skip)
     unknown = skip - set(_PATCHES)
     if unknown:
-        raise ValueError(f"unknown CPU patch names {sorted(unknown)}; known: {list(_PATCHES)}")
+        raise ValueError(f"unknown patch names {sorted(unknown)}; known: {list(_PATCHES)}")
     global _applied
-    if torch.cuda.is_available() or _applied is not None:
+    if _applied is not None:
         return
-    _applied = tuple(name for name in _PATCHES if name not in skip)
+    _applied = tuple(name for name in _needed_here() if name not in skip)
     for name in _applied:
         _PATCHES[name]()
-    logger.info("megatron-core CPU patches applied: %s", ", ".join(_applied))
+    if _applied:
+        logger.info("megatron-core patches applied: %s", ", ".join(_applied))
 
 
-def applied_cpu_patches() -> Tuple[str, ...]:
+def applied_patches() -> Tuple[str, ...]:
     """Names of the patches active now."""
     return _applied or ()
 
 
-def remove_cpu_patches() -> None:
+def remove_patches() -> None:
     """Undo every applied patch, newest first."""
     global _applied
     while _undo:
