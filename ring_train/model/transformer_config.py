@@ -64,8 +64,12 @@ def to_transformer_config(
         linear_silu=model.linear_silu,
         reset_state_at_eod=model.reset_state_at_eod,
         first_k_dense_replace=model.first_k_dense_replace,
+        # Layers differ (lightning/softmax, dense/MoE): checkpoint keys carry each layer's
+        # index instead of stacking layers on one axis.
+        hetereogenous_dist_checkpoint=True,
         # MoE: sigmoid router in fp32, aux-loss-free expert bias, group-limited top-k
         num_moe_experts=model.num_experts,
+        moe_layer_freq=[int(model.is_moe_layer(l)) for l in range(model.num_hidden_layers)],
         moe_ffn_hidden_size=model.moe_intermediate_size,
         moe_shared_expert_intermediate_size=model.moe_intermediate_size * model.num_shared_experts
         if model.num_shared_experts

@@ -89,13 +89,9 @@ def _global_loss(reports: List[dict]) -> tuple[float, int]:
     return loss_sum / max(count, 1.0), int(count)
 
 
-def train_step(model, optimizer, microbatches: List[Microbatch], config) -> StepResult:
-    """Forward and backward over `microbatches` (this DP rank's share), then one optimizer step."""
-    for chunk in model:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
+def _run_schedule(model, microbatches: List[Microbatch], forward_only: bool) -> List[dict]:
     tokens = microbatches[0].tokens
-    reports = get_forward_backward_func()(
+    return get_forward_backward_func()(
         forward_step_func=forward_step,
         # Every virtual stage walks the same micro-batches.
         data_iterator=[iter(microbatches) for _ in model] if len(model) > 1 else iter(microbatches),
@@ -103,8 +99,29 @@ def train_step(model, optimizer, microbatches: List[Microbatch], config) -> Step
         num_microbatches=len(microbatches),
         seq_length=tokens.shape[1],
         micro_batch_size=tokens.shape[0],
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(model, optimizer, microbatches: List[Microbatch]) -> StepResult:
+    """Forward and backward over `microbatches` (this DP rank's share), then one optimizer step."""
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = _run_schedule(model, microbatches, forward_only=False)
     update_successful, grad_norm, num_zeros = optimizer.step()
     loss, count = _global_loss(reports)
     return StepResult(loss, count, grad_norm, num_zeros, update_successful)
+
+
+@torch.no_grad()
+def evaluate(model, microbatches: List[Microbatch]) -> tuple[float, int]:
+    """(token-weighted mean LM loss, token count) of the global batch, forward only."""
+    for chunk in model:
+        chunk.eval()
+    try:
+        reports = _run_schedule(model, microbatches, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+    return _global_loss(reports)

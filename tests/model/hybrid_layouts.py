@@ -71,7 +71,7 @@ def train(rank: int, layout: Layout, steps: int = 3) -> List[Tuple[float, float]
     optimizer = build_optimizer(model, optim, config, distributed_optimizer=False)
     history = []
     for step in range(steps):
-        result = train_step(model, optimizer, global_batch(step), config)
+        result = train_step(model, optimizer, global_batch(step))
         history.append((result.loss, result.grad_norm))
     destroy_distributed()
     return history
