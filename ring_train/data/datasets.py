@@ -1,9 +1,10 @@
 """megatron-core GPT datasets for a DataConfig: blend, train/validation split, index caches.
 
-Collective when torch.distributed is initialised: every rank calls `build_datasets` together.
-Global rank 0 builds the built-in corpus and megatron-core's index caches first, the others
-then read them, so the cache directory must be one that every rank sees (checked).
-Without a process group (a tool or test of one process) indices are built in memory.
+Collective when torch.distributed is initialised: every rank calls `resolve_blend` and
+`build_datasets` together. Global rank 0 alone builds the built-in corpus, reads the datasets'
+digests and builds megatron-core's index caches; the others read what it wrote, so the cache
+directory must be one that every rank sees (checked first). Without a process group (a tool
+or test of one process) indices are built in memory.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -45,38 +46,42 @@ class Blend:
         return [{"content": d, "weight": w} for d, w in zip(self.digests, self.weights)]
 
 
-def rank_zero_first(fn: Callable[[], T]) -> T:
-    """Runs `fn` on global rank 0, then on every other rank. A failure on rank 0 is raised on
-    every rank, rather than leaving the others waiting for it."""
+def from_rank_zero(fn: Callable[[], T]) -> T:
+    """`fn()` computed on global rank 0 and sent to every rank. A failure on rank 0 is raised
+    on every rank, rather than leaving the others waiting for it."""
     if not dist.is_initialized():
         return fn()
-    result, failure = None, [None]
+    outcome: List[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            result = fn()
+            outcome = [(True, fn())]
         except Exception as error:
-            failure = [f"{type(error).__name__}: {error}"]
+            outcome = [(False, f"{type(error).__name__}: {error}")]
             raise
         finally:
-            dist.broadcast_object_list(failure, src=0)
-        return result
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise RuntimeError(f"rank 0 failed to prepare the data: {failure[0]}")
-    return fn()
+            dist.broadcast_object_list(outcome, src=0)
+    else:
+        dist.broadcast_object_list(outcome, src=0)
+    ok, value = outcome[0]
+    if not ok:
+        raise RuntimeError(f"rank 0 failed to prepare the data: {value}")
+    return value
 
 
 def resolve_blend(config: DataConfig) -> Blend:
     """Prefixes (the built-in corpus built into the cache if named) and content digests."""
     cache = config.cache_path
-    prefixes = [
-        rank_zero_first(lambda: ensure_default_corpus(cache))
-        if entry["path"] == DEFAULT_CORPUS
-        else str(entry["path"])
-        for entry in config.blend
-    ]
-    weights = [float(entry["weight"]) for entry in config.blend]
-    return Blend(prefixes, weights, [dataset_digest(p) for p in prefixes])
+    check_cache_shared(cache)
+
+    def on_rank_zero() -> Blend:
+        prefixes = [
+            ensure_default_corpus(cache) if entry["path"] == DEFAULT_CORPUS else str(entry["path"])
+            for entry in config.blend
+        ]
+        weights = [float(entry["weight"]) for entry in config.blend]
+        return Blend(prefixes, weights, [dataset_digest(p) for p in prefixes])
+
+    return from_rank_zero(on_rank_zero)
 
 
 def split_string(validation_fraction: float) -> str:
@@ -105,7 +110,7 @@ def check_splits(blend: Blend, split: str) -> None:
 
 def check_cache_shared(cache_dir: Path) -> None:
     """Raises on every rank unless all ranks see a file global rank 0 writes to `cache_dir`:
-    megatron-core builds its index caches on rank 0 only."""
+    the built-in corpus and megatron-core's index caches are written by rank 0 only."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
@@ -167,12 +172,11 @@ def build_datasets(
 
 def _index_cache(cache_dir: Path, blend: Blend) -> str:
     """Where megatron-core keeps its index caches, keyed by dataset contents (its own keys
-    hold paths only, so a rewritten dataset would reuse stale indices). Collective."""
+    hold paths only, so a rewritten dataset would reuse stale indices)."""
     if not dist.is_initialized():
         # megatron-core's BlendedDataset asks torch.distributed for the rank on a cache miss,
         # so without a process group nothing is cached. An empty string, unlike None, also
         # keeps GPTDataset from caching beside the data.
         logger.info("no process group: dataset indices are built in memory, not cached")
         return ""
-    check_cache_shared(cache_dir)
     return str(cache_dir / "indices" / digest_of({"blend": blend.describe()})[:16])

@@ -15,10 +15,10 @@ from typing import Any, Dict, List
 from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
 # Files up to this size are hashed whole; larger ones by their size and SAMPLE_BLOCKS evenly
-# spaced blocks (first and last included), which bounds start-up reads to ~16 MiB per file.
+# spaced blocks (first and last included), which bounds start-up reads to 1 MiB per file.
 WHOLE_FILE_LIMIT = 8 << 20
 SAMPLE_BLOCKS = 16
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 64 << 10
 
 
 def file_digest(path: str) -> str:

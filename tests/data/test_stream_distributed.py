@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ring_train.config.data import DataConfig
-from ring_train.data.datasets import rank_zero_first
+from ring_train.data.datasets import from_rank_zero
 from ring_train.data.stream import BatchLayout, build_streams
 from ring_train.data.tokenizers import ByteTokenizer
 from ring_train.testing.multiprocess import run_ranks
@@ -52,7 +52,7 @@ def _two_ranks(rank, web, cache_dir):
     try:
         shared = _tokens(_config(web, cache_dir), rank)
         unshared = _error_of(_tokens, _config(web, os.path.join(cache_dir, f"node{rank}")), rank)
-        return shared, unshared, _error_of(rank_zero_first, _fails_on_rank_zero)
+        return shared, unshared, _error_of(from_rank_zero, _fails_on_rank_zero)
     finally:
         dist.destroy_process_group()
 
