@@ -4,9 +4,10 @@ Backends:
   triton the fused kernels in `triton_kernels.py` (CUDA tensors, or CPU under TRITON_INTERPRET=1);
   torch  the chunked PyTorch form in `reference.py` (any device; the CPU training path);
   fla    fla-core's `chunk_simple_gla` with `g_gamma = -slope` (CUDA; only when selected).
-"auto" (the default) picks triton for CUDA tensors when Triton is installed, else torch. Select with `set_backend(name)` or the environment variable
-RING_LA_BACKEND. A backend that is selected explicitly but cannot run is an error, never a silent
-fallback; the first call on each path logs which path runs.
+"auto" (the default) picks triton for CUDA tensors when Triton is installed, else torch. Select
+with `set_backend(name)` or the environment variable RING_LA_BACKEND. A backend that is selected
+explicitly but cannot run is an error, never a silent fallback; the first call on each path logs
+which path runs.
 """
 
 import importlib.util
@@ -58,8 +59,9 @@ def _resolve(q: Tensor) -> str:
                                f"TRITON_INTERPRET=1), got {q.device}; select 'torch' or 'auto'")
     if name == "fla":
         if importlib.util.find_spec("fla") is None:
-            raise RuntimeError(f"lightning attention backend 'fla' was selected but fla-core is not "
-                               f"installed (pip install fla-core), or select another with {ENV_VAR}")
+            raise RuntimeError("lightning attention backend 'fla' was selected but fla-core is "
+                               "not installed (pip install fla-core); or select another with "
+                               f"{ENV_VAR}")
         if not q.is_cuda:
             raise RuntimeError("lightning attention backend 'fla' needs CUDA tensors, got "
                                f"{q.device}; select 'torch' or 'auto' on this device")

@@ -1,4 +1,4 @@
-"""Plain PyTorch lightning attention: the chunked form that runs on CPU, and the recurrent definition.
+"""Plain PyTorch lightning attention: the chunked form (the CPU path) and the recurrent definition.
 
 Lightning attention (simple GLA with a per-head constant decay), per head h with
 lambda_h = exp(-slope[h]) and an fp32 state S in R^{D_k x D_v}:

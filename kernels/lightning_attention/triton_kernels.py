@@ -1,4 +1,4 @@
-"""Triton kernels of lightning attention: chunked forward, backward and decode, one sweep per program.
+"""Triton kernels of lightning attention: chunked forward, backward and decode; one sweep each.
 
 Notation (reference.py has the math): per head h, g = slope[h] * log2(e), so lambda^n = 2^(-g n).
 Inputs are [T, B, H, D] (sequence first) read through strides; q, k, v share one set of strides
@@ -51,7 +51,7 @@ def _store_tile(base, x, t, t_end, stride_t, col0, NCOL: tl.constexpr):
 @triton.jit
 def _state_ptrs(base, idx, i_h, H, k0, v0, DK: tl.constexpr, DV: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr):
-    """Pointers to block [k0:k0+BK, v0:v0+BV] of state [idx, i_h] in a [*, H, DK, DV] fp32 tensor."""
+    """Pointers to block [k0:k0+BK, v0:v0+BV] of state [idx, i_h] of a [*, H, DK, DV] tensor."""
     rows = k0 + tl.arange(0, BK)
     cols = v0 + tl.arange(0, BV)
     return base + (idx.to(tl.int64) * H + i_h) * (DK * DV) + rows[:, None] * DV + cols[None, :]
@@ -61,6 +61,22 @@ def _state_ptrs(base, idx, i_h, H, k0, v0, DK: tl.constexpr, DV: tl.constexpr,
 def _log2_decay(slope, i_h):
     """g = slope[h] * log2(e): lambda^n = 2^(-g n)."""
     return tl.load(slope + i_h).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _entering_block(scanned, given, i_s, n, i_h, H, k0, v0, DK: tl.constexpr, DV: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, SPLIT: tl.constexpr,
+                    HAS_GIVEN: tl.constexpr):
+    """A program's [BK, BV] block of the state (or state gradient) it starts its sweep from:
+    the scanned value for segment i_s when sequences are cut, else the caller's given value for
+    sequence n (initial state / final-state gradient), else zero."""
+    if SPLIT:
+        X = tl.load(_state_ptrs(scanned, i_s, i_h, H, k0, v0, DK, DV, BK, BV))
+    elif HAS_GIVEN:
+        X = tl.load(_state_ptrs(given, n, i_h, H, k0, v0, DK, DV, BK, BV))
+    else:
+        X = tl.zeros([BK, BV], dtype=tl.float32)
+    return X
 
 
 @triton.jit
@@ -109,12 +125,7 @@ def fwd_kernel(q, k, v, o, slope, seg, s_in, h0, ht,
     g, pos, mask, q_decay = _decays(slope, i_h, scale, BT, False)
     dtype = q.dtype.element_ty
     v0 = i_v * BV
-    if SPLIT:
-        S = tl.load(_state_ptrs(s_in, i_s, i_h, H, 0, v0, DK, DV, DK, BV))
-    elif HAS_H0:
-        S = tl.load(_state_ptrs(h0, n, i_h, H, 0, v0, DK, DV, DK, BV))
-    else:
-        S = tl.zeros([DK, BV], dtype=tl.float32)
+    S = _entering_block(s_in, h0, i_s, n, i_h, H, 0, v0, DK, DV, DK, BV, SPLIT, HAS_H0)
     off = row.to(tl.int64) * s_b + i_h * s_h
     qb, kb, vb = q + off, k + off, v + off
     ob = o + row.to(tl.int64) * so_b + i_h * so_h
@@ -217,12 +228,7 @@ def _bwd_dq(qb, kb, vb, dob, dqb, s_in, h0, slope, i_k, i_h, i_s, n, t0, t1,
     dtype = kb.dtype.element_ty
     g, pos, mask, q_decay = _decays(slope, i_h, scale, BT, False)
     k0 = i_k * BK
-    if SPLIT:
-        S = tl.load(_state_ptrs(s_in, i_s, i_h, H, k0, 0, DK, DV, BK, DV))
-    elif HAS_H0:
-        S = tl.load(_state_ptrs(h0, n, i_h, H, k0, 0, DK, DV, BK, DV))
-    else:
-        S = tl.zeros([BK, DV], dtype=tl.float32)
+    S = _entering_block(s_in, h0, i_s, n, i_h, H, k0, 0, DK, DV, BK, DV, SPLIT, HAS_H0)
     for c in range(0, tl.cdiv(t1 - t0, BT)):
         t = t0 + c * BT + pos
         L = tl.minimum(t1 - t0 - c * BT, BT)
@@ -230,7 +236,8 @@ def _bwd_dq(qb, kb, vb, dob, dqb, s_in, h0, slope, i_k, i_h, i_s, n, t0, t1,
         bv = _tile(vb, t, t1, s_t, 0, DV)
         bdo = _tile(dob, t, t1, sd_t, 0, DV)
         dov = _dot(bdo, tl.trans(bv), dtype, FP32_DOT) * mask  # [i, j] = lambda^(i-j) do_i.v_j
-        dq = _dot(dov, bk, dtype, FP32_DOT) + _dot(bdo, tl.trans(S), dtype, FP32_DOT) * q_decay[:, None]
+        dq = (_dot(dov, bk, dtype, FP32_DOT)
+              + _dot(bdo, tl.trans(S), dtype, FP32_DOT) * q_decay[:, None])
         _store_tile(dqb, dq, t, t1, so_t, k0, BK)
         kd = _k_decay(g, pos, L)
         S = S * tl.exp2(-g * L) + _dot(tl.trans(bk), bv * kd[:, None], dtype, FP32_DOT)
@@ -246,12 +253,7 @@ def _bwd_dk(qb, vb, dob, dkb, r_out, dht, dh0, slope, i_k, i_h, i_s, n, t0, t1, 
     dtype = qb.dtype.element_ty
     g, pos, mask, q_decay = _decays(slope, i_h, scale, BT, True)
     k0 = i_k * BK
-    if SPLIT:
-        R = tl.load(_state_ptrs(r_out, i_s, i_h, H, k0, 0, DK, DV, BK, DV))
-    elif HAS_DHT:
-        R = tl.load(_state_ptrs(dht, n, i_h, H, k0, 0, DK, DV, BK, DV))
-    else:
-        R = tl.zeros([BK, DV], dtype=tl.float32)
+    R = _entering_block(r_out, dht, i_s, n, i_h, H, k0, 0, DK, DV, BK, DV, SPLIT, HAS_DHT)
     n_chunks = tl.cdiv(t1 - t0, BT)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
@@ -279,12 +281,7 @@ def _bwd_dv(qb, kb, dob, dvb, r_out, dht, slope, i_v, i_h, i_s, n, t0, t1,
     dtype = qb.dtype.element_ty
     g, pos, mask, q_decay = _decays(slope, i_h, scale, BT, True)
     v0 = i_v * BV
-    if SPLIT:
-        R = tl.load(_state_ptrs(r_out, i_s, i_h, H, 0, v0, DK, DV, DK, BV))
-    elif HAS_DHT:
-        R = tl.load(_state_ptrs(dht, n, i_h, H, 0, v0, DK, DV, DK, BV))
-    else:
-        R = tl.zeros([DK, BV], dtype=tl.float32)
+    R = _entering_block(r_out, dht, i_s, n, i_h, H, 0, v0, DK, DV, DK, BV, SPLIT, HAS_DHT)
     n_chunks = tl.cdiv(t1 - t0, BT)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i

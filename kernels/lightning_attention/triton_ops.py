@@ -25,7 +25,7 @@ class KernelConfig:
     may replace `CONFIG` to tune; results do not depend on it."""
     fwd_block_v: int = 64  # state columns per forward program
     # 4 warps spill a few registers (64 B of stack at D = 128) but fit 2 programs per SM, which
-    # beat 8 warps at 1 per SM by 1.9x on an H100.
+    # beat 8 warps at 1 per SM by 1.4x on an H100 (same stages).
     fwd_warps: int = 4
     fwd_stages: int = 3
     bwd_block: int = 64  # state rows (dq, dk roles) or columns (dv role) per backward program
@@ -42,8 +42,9 @@ class KernelConfig:
 CONFIG = KernelConfig()
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _fp32_dot(x: Tensor) -> bool:
+    """Upcast dot operands: for fp32 inputs, and in Triton's interpreter (its bf16 dot is wrong)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" or x.dtype == torch.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +74,8 @@ def _plan(rows_and_bounds: tuple, seg_len: int, device: torch.device) -> Segment
                        len(rows_and_bounds), len(table) > len(rows_and_bounds))
 
 
-def plan_segments(T: int, B: int, H: int, cu_seqlens: Optional[Tensor], device: torch.device,
-                  segment_len: Optional[int] = None) -> SegmentPlan:
+def plan_segments(T: int, B: int, H: int, D: int, cu_seqlens: Optional[Tensor],
+                  device: torch.device, segment_len: Optional[int] = None) -> SegmentPlan:
     """Segments for B rows of T tokens, or for the documents of cu_seqlens (B == 1; this reads
     cu_seqlens on the host). segment_len (a multiple of CHUNK) overrides the heuristic."""
     if cu_seqlens is None:
@@ -85,15 +86,17 @@ def plan_segments(T: int, B: int, H: int, cu_seqlens: Optional[Tensor], device: 
             raise ValueError(f"cu_seqlens must rise from 0 to T = {T}, got {bounds}")
         seqs = tuple((0, a, b) for a, b in zip(bounds[:-1], bounds[1:]))
     if segment_len is None:
-        segment_len = _segment_len(T * B, len(seqs), H, device)
+        segment_len = _segment_len(T * B, len(seqs), H, D, device)
     if segment_len % CHUNK:
         raise ValueError(f"segment_len must be a multiple of {CHUNK}, got {segment_len}")
     return _plan(seqs, segment_len, device)
 
 
-def _segment_len(tokens: int, num_seqs: int, H: int, device: torch.device) -> int:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    blocks = 128 // CONFIG.fwd_block_v  # forward programs per (segment, head) at D = 128
+def _segment_len(tokens: int, num_seqs: int, H: int, D: int, device: torch.device) -> int:
+    sms = 1
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = max(1, D // CONFIG.fwd_block_v)  # forward programs per (segment, head)
     wanted = max(1, math.floor(CONFIG.waves * sms / (H * blocks)))  # segments that fill the GPU
     if wanted < 1.5 * num_seqs:  # cutting would add the extra launches for little parallelism
         return -(-max(tokens, 1) // CHUNK) * CHUNK  # no cut
@@ -132,18 +135,12 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: float,
     Returns the states entering each segment [S, H, D, D] fp32 when the plan splits (the
     backward needs them), else None."""
     T, B, H, D = q.shape
-    fp32_dot = _interpreting() or q.dtype == torch.float32
+    fp32_dot = _fp32_dot(q)
     cfg = CONFIG
     bv = min(cfg.fwd_block_v, D)
     s_in = None
     if plan.split:
-        delta = q.new_empty(plan.num_segments, H, D, D, dtype=torch.float32)
-        K.state_increment_kernel[(D // bv, H, plan.num_segments)](
-            k, v, delta, slope, plan.table, *q.stride()[:3], *v.stride()[:3], 1.0, H,
-            BT=CHUNK, DK=D, DV=D, BK=D, BV=bv, REVERSE=False, FP32_DOT=fp32_dot,
-            num_warps=cfg.inc_warps, num_stages=cfg.fwd_stages)
-        s_in = torch.empty_like(delta)
-        _scan(delta, s_in, h0, slope, plan, reverse=False)
+        s_in = _segment_states(k, v, slope, 1.0, h0, plan, D, bv, False, cfg.fwd_stages)
     dummy = slope  # never read: the matching constexpr flag is off
     K.fwd_kernel[(D // bv, H, plan.num_segments)](
         q, k, v, o, slope, plan.table, dummy if s_in is None else s_in,
@@ -154,13 +151,23 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: float,
     return s_in
 
 
-def _scan(delta: Tensor, out: Tensor, init: Optional[Tensor], slope: Tensor, plan: SegmentPlan,
-          reverse: bool) -> None:
-    H, D = delta.shape[1], delta.shape[2]
+def _segment_states(x: Tensor, y: Tensor, slope: Tensor, scale: float, init: Optional[Tensor],
+                    plan: SegmentPlan, bk: int, bv: int, reverse: bool, stages: int) -> Tensor:
+    """[S, H, D, D] fp32 states at segment boundaries: forward (x, y = k, v; init = h0) the state
+    entering each segment; reverse (x, y = q, do; init = d final state) the gradient of the
+    state leaving each segment. Two launches: per-segment increments, then a scan per sequence."""
+    H, D = x.shape[2], x.shape[3]
+    delta = x.new_empty(plan.num_segments, H, D, D, dtype=torch.float32)
+    K.state_increment_kernel[((D // bk) * (D // bv), H, plan.num_segments)](
+        x, y, delta, slope, plan.table, *x.stride()[:3], *y.stride()[:3], scale, H, BT=CHUNK,
+        DK=D, DV=D, BK=bk, BV=bv, REVERSE=reverse, FP32_DOT=_fp32_dot(x),
+        num_warps=CONFIG.inc_warps, num_stages=stages)
+    out = torch.empty_like(delta)
     block = min(1024, D * D)
     K.segment_scan_kernel[(D * D // block, H, plan.num_seqs)](
         delta, out, _state_args(init, delta), slope, plan.table, plan.seq_segs, H, DKV=D * D,
         BLOCK=block, REVERSE=reverse, HAS_INIT=init is not None, num_warps=4)
+    return out
 
 
 def launch_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, slope: Tensor, scale: float,
@@ -172,18 +179,12 @@ def launch_backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, slope: Tensor, 
     T, B, H, D = q.shape
     if do.stride(-1) != 1:
         do = do.contiguous()
-    fp32_dot = _interpreting() or q.dtype == torch.float32
+    fp32_dot = _fp32_dot(q)
     cfg = CONFIG
     bk = min(cfg.bwd_block, D)
     r_out = None
     if plan.split:
-        delta = q.new_empty(plan.num_segments, H, D, D, dtype=torch.float32)
-        K.state_increment_kernel[((D // bk) * (D // bk), H, plan.num_segments)](
-            q, do, delta, slope, plan.table, *q.stride()[:3], *do.stride()[:3], scale, H,
-            BT=CHUNK, DK=D, DV=D, BK=bk, BV=bk, REVERSE=True, FP32_DOT=fp32_dot,
-            num_warps=cfg.inc_warps, num_stages=cfg.bwd_stages)
-        r_out = torch.empty_like(delta)
-        _scan(delta, r_out, dht, slope, plan, reverse=True)
+        r_out = _segment_states(q, do, slope, scale, dht, plan, bk, bk, True, cfg.bwd_stages)
     dummy = slope
     K.bwd_kernel[(2 * (D // bk) + D // bk, H, plan.num_segments)](
         q, k, v, do, dq, dk, dv, slope, plan.table, dummy if s_in is None else s_in,
@@ -239,7 +240,7 @@ def lightning_attention_triton(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, *
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B = {B}")
     q, k, v = _shared_strides(q, k, v)
-    plan = plan_segments(T, B, H, cu_seqlens, q.device, segment_len)
+    plan = plan_segments(T, B, H, D, cu_seqlens, q.device, segment_len)
     if initial_state is not None and initial_state.shape != (plan.num_seqs, H, D, D):
         raise ValueError(f"initial_state must be [N, H, D, D] = [{plan.num_seqs}, {H}, {D}, {D}], "
                          f"got {tuple(initial_state.shape)}")
@@ -271,5 +272,6 @@ def lightning_attention_decode_triton(q: Tensor, k: Tensor, v: Tensor, slope: Te
         raise ValueError("decode state must be a contiguous fp32 tensor (it is updated in place)")
     q, k, v = _shared_strides(q, k, v)
     o = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    launch_decode(q, k, v, slope.float().contiguous(), state, D ** -0.5 if scale is None else scale, o)
+    scale = D ** -0.5 if scale is None else scale
+    launch_decode(q, k, v, slope.float().contiguous(), state, scale, o)
     return o

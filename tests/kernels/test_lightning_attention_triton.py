@@ -55,7 +55,7 @@ def reference_grads(q, k, v, slope, h0, do, dht, cu_seqlens):
 def run_poisoned(q, k, v, slope, h0, do, dht, cu_seqlens, segment_len):
     """Forward and backward launches into NaN-filled outputs."""
     T, B, H, D = q.shape
-    plan = plan_segments(T, B, H, cu_seqlens, q.device, segment_len)
+    plan = plan_segments(T, B, H, D, cu_seqlens, q.device, segment_len)
     nan = lambda *shape, dtype=torch.float32: torch.full(shape, float("nan"), dtype=dtype,
                                                          device=q.device)
     o, ht = nan(T, B, H, D, dtype=q.dtype), nan(plan.num_seqs, H, D, D)
