@@ -8,7 +8,7 @@ the list of every key, or (for keys the model lacks) say nothing at all.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Set, Tuple
 
 import torch
 from megatron.core import dist_checkpointing
@@ -18,16 +18,23 @@ from ring_train.checkpoint import collective
 Shapes = Dict[str, Tuple[Tuple[int, ...], torch.dtype]]
 
 
-def _first_mismatch(checkpoint: Path, expected: Shapes, stored: Dict[str, Tuple[int, ...]]) -> Optional[str]:
+def _first_mismatch(
+    checkpoint: Path, expected: Shapes, stored: Dict[str, Tuple[int, ...]], model_keys: Set[str]
+) -> Optional[str]:
     for key, (shape, _) in expected.items():
+        owner = "the model" if key in model_keys else "the optimizer"
         if key not in stored:
+            hint = "" if key in model_keys else (
+                "; optimizer state does not carry over to another optimizer or expert-parallel "
+                "size, load_weights loads the model alone"
+            )
             return (
-                f"missing key in checkpoint {checkpoint}: {key} (the model expects shape "
-                f"{shape}, the checkpoint has no such tensor)"
+                f"missing key in checkpoint {checkpoint}: {key} ({owner} expects shape {shape}, "
+                f"the checkpoint has no such tensor{hint})"
             )
         if stored[key] != shape:
             return (
-                f"shape mismatch for {key}: checkpoint {checkpoint} has {stored[key]}, the model "
+                f"shape mismatch for {key}: checkpoint {checkpoint} has {stored[key]}, {owner} "
                 f"expects {shape}"
             )
     return None
@@ -45,7 +52,8 @@ def check_compatible(
         key: tuple(tensor.global_shape)
         for key, tensor in dist_checkpointing.load_tensors_metadata(str(checkpoint)).items()
     }
-    error = _first_mismatch(checkpoint, expected, stored)
+    model_keys = set(model_keys)
+    error = _first_mismatch(checkpoint, expected, stored, model_keys)
     model_everywhere = set().union(*map(set, collective.all_gather(sorted(model_keys))))
     unexpected = sorted(set(checkpoint_model_keys) - model_everywhere)
     if error is None and unexpected:
