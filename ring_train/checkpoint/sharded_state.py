@@ -38,7 +38,8 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return chunk
 
 
-def _model_metadata() -> dict:
+def model_metadata() -> dict:
+    """The metadata every `sharded_state_dict` call of the hybrid GPTModel needs."""
     return {
         # The MTP block on a later pipeline stage ties its copy of the embedding over this group.
         "dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True),
@@ -51,7 +52,7 @@ def _model_metadata() -> dict:
 def model_sharded_state(model: Sequence[torch.nn.Module]) -> Dict[str, ShardedStateDict]:
     """{"model0": ..., "model1": ...}: one entry per virtual pipeline chunk."""
     return {
-        f"model{index}": unwrap(chunk).sharded_state_dict(metadata=_model_metadata())
+        f"model{index}": unwrap(chunk).sharded_state_dict(metadata=model_metadata())
         for index, chunk in enumerate(model)
     }
 

@@ -7,7 +7,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor
 
-from ring_train.training.step import Microbatch
+from ring_train.data.microbatch import Microbatch
 
 
 def document_starts(tokens: Tensor, sample_length: int, eod: int) -> Tensor:

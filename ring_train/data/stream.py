@@ -22,7 +22,7 @@ from ring_train.data.datasets import build_datasets, resolve_blend
 from ring_train.data.fingerprint import differing_parts, digest_of
 from ring_train.data.packing import collate
 from ring_train.data.tokenizers import Tokenizer
-from ring_train.training.step import Microbatch
+from ring_train.data.microbatch import Microbatch
 
 
 @dataclass(frozen=True)

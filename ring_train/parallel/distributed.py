@@ -59,7 +59,8 @@ def validate_layout(
         )
 
 
-def _join_process_group() -> None:
+def join_process_group() -> None:
+    """Join the job torchrun started (or a job of one process); idempotent."""
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -99,7 +100,7 @@ def init_distributed(
     """
     apply_patches()  # CPU patches on CPU; no-TE fixes wherever Transformer Engine is absent
     expert_tensor_parallel = expert_tensor_parallel or tensor_parallel
-    _join_process_group()
+    join_process_group()
     validate_layout(
         dist.get_world_size(),
         tensor_parallel,

@@ -8,14 +8,10 @@ import zlib
 from typing import Iterable
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-
-def sharded_state_dict_metadata() -> dict:
-    """The metadata megatron-core's GPTModel needs to tie the MTP stage's embedding copy."""
-    return {"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)}
+from ring_train.checkpoint.sharded_state import model_metadata
 
 
 def global_tensor(key: str, shape, vector: bool, std: float = 0.05) -> torch.Tensor:
@@ -30,7 +26,7 @@ def global_tensor(key: str, shape, vector: bool, std: float = 0.05) -> torch.Ten
 def fill_global_weights(chunks: Iterable[torch.nn.Module], std: float = 0.05) -> None:
     """Give every trainable parameter shard of `chunks` its slice of `global_tensor(key)`."""
     for chunk in chunks:
-        sharded = chunk.sharded_state_dict(metadata=sharded_state_dict_metadata())
+        sharded = chunk.sharded_state_dict(metadata=model_metadata())
         # Factories (e.g. the SwiGLU fc1 split into gate and up halves) become ShardedTensors
         # that view the parameter.
         apply_factories(sharded)

@@ -38,6 +38,8 @@ class MetricsLogger:
     def __init__(self, cfg: LoggingConfig, run_dir: Path, run_config: dict, active: bool):
         self.cfg = cfg
         self.active = active
+        # The resolved config, recorded with the metrics and in checkpoints.
+        self.run_config = run_config
         self.path = run_dir / "metrics.jsonl"
         self._wandb = None
         if not active:

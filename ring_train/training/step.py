@@ -12,22 +12,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-
-@dataclass
-class Microbatch:
-    """One micro-batch of this data-parallel rank. Shapes [b, s]; `cu_seqlens` [docs + 1]
-    marks packed documents (b == 1) and makes attention and lightning state document-local."""
-
-    tokens: Tensor
-    labels: Tensor
-    loss_mask: Tensor
-    position_ids: Tensor
-    cu_seqlens: Optional[Tensor] = None
-
-    def to(self, device: torch.device) -> "Microbatch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Microbatch(*(move(t) for t in (self.tokens, self.labels, self.loss_mask,
-                                               self.position_ids, self.cu_seqlens)))
+from ring_train.data.microbatch import Microbatch
 
 
 @dataclass

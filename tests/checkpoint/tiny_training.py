@@ -24,7 +24,8 @@ from ring_train.model.transformer_config import to_transformer_config
 from ring_train.parallel.distributed import init_distributed, pipeline_comm_kwargs
 from ring_train.testing.global_weights import fill_global_weights
 from ring_train.training.setup import build_model_chunks, build_optimizer, wrap_ddp
-from ring_train.training.step import Microbatch, train_step
+from ring_train.data.microbatch import Microbatch
+from ring_train.training.step import train_step
 from tests.model.hybrid_layouts import global_batch as seeded_batch
 
 # SGD with momentum: its state (the momentum buffer) must survive a checkpoint, and the update

@@ -13,7 +13,8 @@ from ring_train.config.parallel import ParallelConfig
 from ring_train.model.transformer_config import to_transformer_config
 from ring_train.parallel.distributed import destroy_distributed, init_distributed, pipeline_comm_kwargs
 from ring_train.training.setup import build_model_chunks, build_optimizer, wrap_ddp
-from ring_train.training.step import Microbatch, train_step
+from ring_train.data.microbatch import Microbatch
+from ring_train.training.step import train_step
 from ring_train.testing.global_weights import fill_global_weights
 
 SEQ = 32
