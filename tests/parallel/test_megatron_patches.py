@@ -42,3 +42,4 @@ def test_gpu_gets_only_the_no_te_fixes():
         assert torch.cuda.current_device is current_device  # CPU patches stay off
     finally:
         remove_patches()
+        apply_patches()  # leave the session as the other tests expect it

@@ -1,0 +1,163 @@
+"""Parallel-layout validation on GPUs: the mini-shaped proxy (recipe=mini_proxy) trained 20 steps
+under each layout through the real launcher, from the same initial weights.
+
+For every layout that fits the GPUs present it records the loss curve, tokens/s per GPU and
+peak memory per GPU, and compares the curve with the single-GPU run (bf16: max relative loss
+difference per step <= LOSS_RTOL). A resume check restarts from the reference run's step-10
+checkpoint at another layout (the same one when only one GPU exists) and compares steps 11-20.
+Writes `benchmarks/results/parallel_validation_<device>_<date>.json`.
+
+    python benchmarks/parallel_validation.py [--layouts single tp2 pp2 ep2 tp2xep2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# bf16 weights and activations: layouts reduce in different orders, and a near-tie in MoE
+# routing may move a token between experts, so curves agree to bf16 precision, not bitwise.
+LOSS_RTOL = 2e-2
+LAYOUTS = {
+    "single": {},
+    "tp2": {"tensor_parallel": 2},
+    "pp2": {"pipeline_parallel": 2},
+    "ep2": {"expert_parallel": 2, "expert_tensor_parallel": 1},
+    "tp2xep2": {"tensor_parallel": 2, "expert_parallel": 2, "expert_tensor_parallel": 1},
+}
+
+
+def world_size(layout: dict) -> int:
+    dense = layout.get("tensor_parallel", 1) * layout.get("pipeline_parallel", 1)
+    return max(dense, layout.get("expert_parallel", 1) * layout.get("pipeline_parallel", 1))
+
+
+def torchrun(nproc: int, args: list, log: Path) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port=29511", *args]
+    with log.open("w") as out:
+        code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise RuntimeError(f"{' '.join(map(str, command))} failed ({code}); see {log}")
+
+
+def write_initial_weights(directory: str) -> None:
+    """(Run under torchrun, one process.) The proxy's weights, layout-independent."""
+    from megatron.core import parallel_state
+
+    from ring_train.checkpoint.training_checkpoint import save_weights
+    from ring_train.config.hydra import compose_recipe, to_train_config
+    from ring_train.model.transformer_config import to_transformer_config
+    from ring_train.parallel.distributed import init_distributed
+    from ring_train.testing.global_weights import fill_global_weights
+    from ring_train.training.setup import build_model_chunks
+
+    cfg = to_train_config(compose_recipe(["recipe=mini_proxy"]))
+    init_distributed(seed=cfg.seed)
+    config = to_transformer_config(cfg.model, cfg.parallel, params_dtype=torch.bfloat16)
+    chunks = build_model_chunks(cfg.model, config)
+    fill_global_weights(chunks, std=0.02)
+    save_weights(Path(directory), 0, chunks)
+    parallel_state.destroy_model_parallel()
+
+
+def train(name: str, layout: dict, work: Path, init: Path, extra: list) -> dict:
+    out = work / name
+    overrides = [f"parallel.{k}={v}" for k, v in layout.items()]
+    torchrun(world_size(layout), ["launch/pretrain.py", "recipe=mini_proxy", f"output_dir={out}",
+                                  f"init_from={init}", f"data.cache_dir={work / 'cache'}",
+                                  *overrides, *extra], work / f"{name}.log")
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    return {
+        "world_size": world_size(layout),
+        "layout": layout,
+        "losses": {r["stage_step"]: r["loss"] for r in steps},
+        # The first steps include compilation and warmup.
+        "tokens_per_second_per_gpu": sorted(r["tokens_per_second_per_device"] for r in steps[3:])[len(steps[3:]) // 2],
+        "peak_memory_gib": max(r["memory_gib"] for r in steps),
+        "eval_loss_merged": next((r["eval_loss_merged"] for r in records if "eval_loss_merged" in r), None),
+        "output_dir": str(out),
+    }
+
+
+def compare(losses: dict, reference: dict) -> float:
+    common = sorted(set(losses) & set(reference))
+    return max(abs(losses[s] - reference[s]) / abs(reference[s]) for s in common)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--work-dir", default="runs/parallel_validation")
+    parser.add_argument("--write-initial-weights", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.write_initial_weights:
+        return write_initial_weights(args.write_initial_weights)
+
+    gpus = torch.cuda.device_count()
+    work = (ROOT / args.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    init = work / "init"
+    if not (init / "latest").is_file():
+        torchrun(1, [__file__, "--write-initial-weights", str(init)], work / "init.log")
+
+    results, skipped = {}, []
+    reference = train("single", {}, work, init, [])
+    results["single"] = {**reference, "max_rel_loss_diff": 0.0, "passed": True}
+    for name in args.layouts:
+        if name == "single":
+            continue
+        if world_size(LAYOUTS[name]) > gpus:
+            skipped.append(f"{name} (needs {world_size(LAYOUTS[name])} GPUs, {gpus} present)")
+            continue
+        run = train(name, LAYOUTS[name], work, init, [])
+        diff = compare(run["losses"], reference["losses"])
+        results[name] = {**run, "max_rel_loss_diff": diff, "passed": diff <= LOSS_RTOL}
+
+    # Resume: the reference run's step-10 checkpoint, continued at another layout.
+    resume_layout = next((n for n in results if n != "single"), "single")
+    checkpoint = Path(reference["output_dir"]) / "checkpoints" / "stages" / "s4k" / "iter_0000010"
+    resumed = train(f"resume_{resume_layout}", LAYOUTS[resume_layout], work, init,
+                    [f"checkpoint.load={checkpoint}"])
+    after = {s: l for s, l in reference["losses"].items() if s > 10}
+    resume_diff = compare(resumed["losses"], after)
+    resume = {"saved_at": "single", "resumed_at": resume_layout, "steps": sorted(resumed["losses"]),
+              "max_rel_loss_diff": resume_diff,
+              "passed": sorted(resumed["losses"]) == sorted(after) and resume_diff <= LOSS_RTOL}
+
+    report = {
+        "benchmark": "parallel_validation",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if gpus else "cpu",
+        "gpus": gpus,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "cuda": torch.version.cuda,
+                     "megatron_core": __import__("megatron.core").core.__version__},
+        "loss_rtol": LOSS_RTOL,
+        "layouts": results,
+        "resume": resume,
+        "skipped": skipped,
+        "all_passed": all(r["passed"] for r in results.values()) and resume["passed"],
+    }
+    target = ROOT / "benchmarks" / "results"
+    target.mkdir(parents=True, exist_ok=True)
+    device = report["device"].replace(" ", "_")
+    path = target / f"parallel_validation_{device}_{report['date'][:10]}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "layouts"}, indent=2))
+    for name, r in results.items():
+        print(f"{name:8s} world {r['world_size']}  {r['tokens_per_second_per_gpu']:,.0f} tok/s/GPU  "
+              f"{r['peak_memory_gib']:.1f} GiB  max rel loss diff {r['max_rel_loss_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
