@@ -110,30 +110,6 @@ def main() -> None:
     if not (init / "latest").is_file():
         torchrun(1, [__file__, "--write-initial-weights", str(init)], work / "init.log")
 
-    results, skipped = {}, []
-    reference = train("single", {}, work, init, [])
-    results["single"] = {**reference, "max_rel_loss_diff": 0.0, "passed": True}
-    for name in args.layouts:
-        if name == "single":
-            continue
-        if world_size(LAYOUTS[name]) > gpus:
-            skipped.append(f"{name} (needs {world_size(LAYOUTS[name])} GPUs, {gpus} present)")
-            continue
-        run = train(name, LAYOUTS[name], work, init, [])
-        diff = compare(run["losses"], reference["losses"])
-        results[name] = {**run, "max_rel_loss_diff": diff, "passed": diff <= LOSS_RTOL}
-
-    # Resume: the reference run's step-10 checkpoint, continued at another layout.
-    resume_layout = next((n for n in results if n != "single"), "single")
-    checkpoint = Path(reference["output_dir"]) / "checkpoints" / "stages" / "s4k" / "iter_0000010"
-    resumed = train(f"resume_{resume_layout}", LAYOUTS[resume_layout], work, init,
-                    [f"checkpoint.load={checkpoint}"])
-    after = {s: l for s, l in reference["losses"].items() if s > 10}
-    resume_diff = compare(resumed["losses"], after)
-    resume = {"saved_at": "single", "resumed_at": resume_layout, "steps": sorted(resumed["losses"]),
-              "max_rel_loss_diff": resume_diff,
-              "passed": sorted(resumed["losses"]) == sorted(after) and resume_diff <= LOSS_RTOL}
-
     report = {
         "benchmark": "parallel_validation",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -143,16 +119,46 @@ def main() -> None:
                      "cuda": torch.version.cuda,
                      "megatron_core": __import__("megatron.core").core.__version__},
         "loss_rtol": LOSS_RTOL,
-        "layouts": results,
-        "resume": resume,
-        "skipped": skipped,
-        "all_passed": all(r["passed"] for r in results.values()) and resume["passed"],
+        "layouts": {},
+        "resume": None,
+        "skipped": [],
+        "all_passed": False,
     }
-    target = ROOT / "benchmarks" / "results"
-    target.mkdir(parents=True, exist_ok=True)
     device = report["device"].replace(" ", "_")
-    path = target / f"parallel_validation_{device}_{report['date'][:10]}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = ROOT / "benchmarks" / "results" / f"parallel_validation_{device}_{report['date'][:10]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written after every run, so a job stopped part-way keeps what it measured.
+    save = lambda: path.write_text(json.dumps(report, indent=2) + "\n")
+    results = report["layouts"]
+
+    reference = train("single", {}, work, init, [])
+    results["single"] = {**reference, "max_rel_loss_diff": 0.0, "passed": True}
+    save()
+    for name in args.layouts:
+        if name == "single":
+            continue
+        if world_size(LAYOUTS[name]) > gpus:
+            report["skipped"].append(f"{name} (needs {world_size(LAYOUTS[name])} GPUs, {gpus} present)")
+            continue
+        run = train(name, LAYOUTS[name], work, init, [])
+        diff = compare(run["losses"], reference["losses"])
+        results[name] = {**run, "max_rel_loss_diff": diff, "passed": diff <= LOSS_RTOL}
+        save()
+
+    # Resume: the reference run's step-10 checkpoint, continued at another layout.
+    resume_layout = next((n for n in results if n != "single"), "single")
+    checkpoint = Path(reference["output_dir"]) / "checkpoints" / "stages" / "s4k" / "iter_0000010"
+    resumed = train(f"resume_{resume_layout}", LAYOUTS[resume_layout], work, init,
+                    [f"checkpoint.load={checkpoint}"])
+    after = {s: l for s, l in reference["losses"].items() if s > 10}
+    resume_diff = compare(resumed["losses"], after)
+    report["resume"] = {
+        "saved_at": "single", "resumed_at": resume_layout, "steps": sorted(resumed["losses"]),
+        "max_rel_loss_diff": resume_diff,
+        "passed": sorted(resumed["losses"]) == sorted(after) and resume_diff <= LOSS_RTOL,
+    }
+    report["all_passed"] = all(r["passed"] for r in results.values()) and report["resume"]["passed"]
+    save()
     print(json.dumps({k: v for k, v in report.items() if k != "layouts"}, indent=2))
     for name, r in results.items():
         print(f"{name:8s} world {r['world_size']}  {r['tokens_per_second_per_gpu']:,.0f} tok/s/GPU  "

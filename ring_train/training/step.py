@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from ring_train.data.microbatch import Microbatch
+from ring_train.parallel.distributed import device
 
 
 @dataclass
@@ -48,7 +49,7 @@ def token_loss(loss_mask: Tensor, per_token_loss: Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch: Microbatch = next(data_iterator)
+    batch: Microbatch = next(data_iterator).to(device())
     output = model(
         batch.tokens,
         batch.position_ids,
@@ -66,8 +67,7 @@ def _global_loss(reports: List[dict]) -> tuple[float, int]:
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for report in reports:
             totals += report["lm loss"].double().cpu()
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    totals = totals.to(device)
+    totals = totals.to(device())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     loss_sum, count = totals.tolist()

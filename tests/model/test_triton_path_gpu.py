@@ -1,5 +1,6 @@
-"""On GPU the model runs lightning attention through the Triton kernels by default, and the tiny
-hybrid model's loss and gradients match the PyTorch reference path (bf16 tolerance)."""
+"""On GPU the model runs lightning attention through the Triton kernels by default, and in bf16
+the tiny hybrid model's loss and gradients through the Triton path are as accurate as through
+the PyTorch reference path, both measured against the same model in fp32."""
 
 import pytest
 import torch
@@ -12,44 +13,72 @@ from ring_train.model.transformer_config import to_transformer_config
 from ring_train.testing.global_weights import fill_global_weights
 from ring_train.training.step import packed_seq_params
 
-REL_TOL = 1e-2  # bf16 weights and activations; both paths keep the linear state in fp32
+# Measured on H100 (bf16, 4 layers): the reference path's gradients deviate from fp32 by
+# ~1-3% per tensor, so a fixed bf16 tolerance would test bf16, not the kernel. The kernel must
+# be no less accurate than the reference path, within this factor.
+ACCURACY_FACTOR = 1.5
+LOSS_RTOL = 1e-2
 
 
-def _loss_and_grads(model, backend, tokens, labels, packed):
+def _loss_and_grads(model, backend, batch):
     la.set_backend(backend)
     model.zero_grad(set_to_none=True)
-    positions = torch.arange(tokens.shape[1], device="cuda").unsqueeze(0)
-    loss = model(tokens, positions, None, labels=labels, packed_seq_params=packed).float().mean()
+    inputs, labels, packed = batch
+    positions = torch.arange(inputs.shape[1], device="cuda").unsqueeze(0)
+    loss = model(inputs, positions, None, labels=labels, packed_seq_params=packed).float().mean()
     loss.backward()
-    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def _model(dtype, **overrides):
+    cfg = load_model_config("tiny", **overrides)
+    model = build_model(cfg, to_transformer_config(cfg, ParallelConfig(), params_dtype=dtype)).cuda()
+    fill_global_weights([model], std=0.05)  # the same weights in both dtypes
+    return cfg, model
+
+
+def _flat(grads):
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def _compare(**overrides):
+    cfg, model32 = _model(torch.float32, **overrides)
+    _, model16 = _model(torch.bfloat16, **overrides)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 257), generator=torch.Generator().manual_seed(0))
+    batch = (tokens[:, :-1].cuda(), tokens[:, 1:].cuda(),
+             packed_seq_params(torch.tensor([0, 40, 41, 200, 256], device="cuda"), 256))
+    selected = la.get_backend()
+    try:
+        truth = _loss_and_grads(model32, "torch", batch)
+        reference = _loss_and_grads(model16, "torch", batch)
+        triton = _loss_and_grads(model16, "triton", batch)
+    finally:
+        la.set_backend(selected)
+    return truth, reference, triton
+
+
+def _grad_error(grads, truth):
+    return ((_flat(grads) - _flat(truth)).norm() / _flat(truth).norm()).item()
 
 
 @pytest.mark.gpu
-def test_tiny_model_triton_path_matches_reference(single_process):
-    assert la.get_backend() in ("auto", "triton")
-    cfg = load_model_config("tiny")
-    config = to_transformer_config(cfg, ParallelConfig(), params_dtype=torch.bfloat16)
-    model = build_model(cfg, config).cuda()
-    fill_global_weights([model], std=0.05)
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (1, 257), generator=generator).cuda()
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    packed = packed_seq_params(torch.tensor([0, 40, 41, 200, 256], device="cuda"), 256)
-    selected = la.get_backend()
-    try:
-        ref_loss, ref_grads = _loss_and_grads(model, "torch", inputs, labels, packed)
-        loss, grads = _loss_and_grads(model, "triton", inputs, labels, packed)
-    finally:
-        la.set_backend(selected)
-    assert abs(loss - ref_loss) <= REL_TOL * abs(ref_loss)
-    assert grads.keys() == ref_grads.keys()
-    flat = lambda g: torch.cat([t.flatten() for t in g.values()])
-    assert ((flat(grads) - flat(ref_grads)).norm() / flat(ref_grads).norm()) < REL_TOL
-    # Per tensor for the lightning layers, whose backward runs through the kernel. (MoE expert
-    # grads are left to the global check: a bf16-level difference may flip a near-tie in
-    # top-k routing, which moves a token between experts.)
-    lightning = [n for n in ref_grads if ".self_attention.linear_qkvg." in n or ".out_norm." in n]
-    assert lightning
-    for name in lightning:
-        err = (grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()
-        assert err < 2 * REL_TOL, (name, err.item())
+def test_default_backend_is_triton_on_gpu():
+    q = torch.randn(64, 1, 4, 16, device="cuda", dtype=torch.bfloat16)
+    assert la.get_backend() == "auto"
+    assert la._resolve(q) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overrides", [{"first_k_dense_replace": 4, "num_nextn_predict_layers": 0}, {}],
+                         ids=["dense-ffn", "moe-mtp"])
+def test_triton_path_is_as_accurate_as_reference_path(single_process, overrides):
+    (true_loss, true_grads), (ref_loss, ref_grads), (loss, grads) = _compare(**overrides)
+    assert abs(loss - true_loss) <= LOSS_RTOL * abs(true_loss)
+    ref_error, error = _grad_error(ref_grads, true_grads), _grad_error(grads, true_grads)
+    assert error <= ACCURACY_FACTOR * ref_error, (error, ref_error)
+    # The lightning layers' own weights, whose gradients come out of the kernel's backward.
+    for name in (n for n in true_grads if ".linear_qkvg." in n):
+        single = lambda g: {name: g[name]}
+        assert _grad_error(single(grads), single(true_grads)) <= ACCURACY_FACTOR * max(
+            _grad_error(single(ref_grads), single(true_grads)), 1e-3), name
