@@ -165,7 +165,7 @@ def build_trainer(layout: Layout) -> Trainer:
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",
-            lr=1e-2,
+            lr=1e-3,
             weight_decay=0.0,
             clip_grad=1.0,
             use_distributed_optimizer=layout.distopt,
