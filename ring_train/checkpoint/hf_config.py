@@ -12,6 +12,13 @@ LING_ARCHITECTURE = "BailingMoeV2ForCausalLM"
 LING_MODEL_TYPE = "bailing_moe_v2"
 RING_ARCHITECTURE = "BailingMoeLinearV2ForCausalLM"
 RING_MODEL_TYPE = "bailing_moe_linear"
+# The remote-code classes the released configs name (the modeling files ship with the models).
+_AUTO_MAP = {
+    LING_MODEL_TYPE: ("configuration_bailing_moe_v2.BailingMoeV2Config",
+                      "modeling_bailing_moe_v2.BailingMoeV2"),
+    RING_MODEL_TYPE: ("configuration_bailing_moe_linear_v2.BailingMoeLinearV2Config",
+                      "modeling_bailing_moe_linear_v2.BailingMoeLinearV2"),
+}
 
 # ModelConfig fields with another HF name.
 _HF_NAMES = {"init_std": "initializer_range"}
@@ -54,7 +61,9 @@ def model_config_from_hf(hf: Dict[str, Any], **framework_fields) -> ModelConfig:
             "num_shared_experts."
         )
     if model_type == LING_MODEL_TYPE:
-        values.update(layer_group_size=1, group_norm_size=1)
+        # group_norm_size has no use without lightning layers; one group per head keeps it
+        # compatible with every tensor-parallel size that divides the heads.
+        values.update(layer_group_size=1, group_norm_size=hf["num_attention_heads"])
     if "head_dim" not in values:
         values["head_dim"] = hf["hidden_size"] // hf["num_attention_heads"]
     values.update(framework_fields)
@@ -64,9 +73,16 @@ def model_config_from_hf(hf: Dict[str, Any], **framework_fields) -> ModelConfig:
 def model_config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "bfloat16") -> Dict[str, Any]:
     """config.json dict: Ring-linear-2.0, or Ling-2.0 when every layer is softmax."""
     ring = cfg.layer_group_size > 1
+    model_type = RING_MODEL_TYPE if ring else LING_MODEL_TYPE
+    config_class, modeling = _AUTO_MAP[model_type]
     out: Dict[str, Any] = {
         "architectures": [RING_ARCHITECTURE if ring else LING_ARCHITECTURE],
-        "model_type": RING_MODEL_TYPE if ring else LING_MODEL_TYPE,
+        "auto_map": {
+            "AutoConfig": config_class,
+            "AutoModel": f"{modeling}Model",
+            "AutoModelForCausalLM": f"{modeling}ForCausalLM",
+        },
+        "model_type": model_type,
     }
     for f in fields(ModelConfig):
         if f.name in _FRAMEWORK_ONLY or (not ring and f.name in (
@@ -86,6 +102,10 @@ def model_config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "bfloat16") -> Di
         moe_router_enable_expert_bias=True,
         router_dtype="fp32",
         rope_scaling=None,
+        # The framework trains without dropout.
+        embedding_dropout=0.0,
+        attention_dropout=0.0,
+        output_dropout=0.0,
         torch_dtype=torch_dtype,
     )
     return out

@@ -1,10 +1,11 @@
 """Weight layouts: HuggingFace Bailing (Ling-2.0 / Ring-linear-2.0) <-> this framework.
 
-Works on whole (unsharded) tensors, one decoder layer at a time, so converters can stream.
+Works on whole (unsharded) tensors, one tensor at a time, so converters can stream.
 Framework names are those of the GPTModel state dict at TP = PP = EP = 1; megatron-core's
 dist_checkpointing reshards them to any layout.
 
-Layout differences (everything else is a rename):
+Every framework tensor is made of one or more HF tensors (a `TensorMap`); the layouts differ
+only in these (everything else is a rename):
   * softmax QKV: HF rows [Q heads | K heads | V heads]; megatron interleaves per KV group
     [q_(g,0..n-1), k_g, v_g] for g in KV groups (n = H / KV).
   * lightning QKV + gate: HF `query_key_value` [Q | K | V] and `g_proj`; here one projection
@@ -14,6 +15,7 @@ Layout differences (everything else is a rename):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Mapping, Tuple
 
 import torch
@@ -78,7 +80,42 @@ def lightning_qkvg_to_hf(w: Tensor, cfg: ModelConfig) -> Tuple[Tensor, Tensor]:
     return parts[:3].reshape(-1, w.shape[-1]), parts[3].reshape(-1, w.shape[-1])
 
 
-# ---- per-layer mapping -------------------------------------------------------------------------
+# ---- one framework tensor <-> its HF tensors ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """Framework tensor `framework` is `to_megatron(*HF tensors named hf)`, and
+    `to_hf(framework tensor)` gives those HF tensors back, in the order of `hf`."""
+
+    framework: str
+    hf: Tuple[str, ...]
+    to_megatron: Callable[..., Tensor]
+    to_hf: Callable[[Tensor], Tuple[Tensor, ...]]
+
+    def prefixed(self, framework_prefix: str, hf_prefix: str) -> "TensorMap":
+        return TensorMap(
+            framework_prefix + self.framework,
+            tuple(hf_prefix + name for name in self.hf),
+            self.to_megatron,
+            self.to_hf,
+        )
+
+
+def _rename(framework: str, hf: str) -> TensorMap:
+    return TensorMap(framework, (hf,), lambda t: t, lambda t: (t,))
+
+
+def _swiglu(framework_prefix: str, hf_prefix: str) -> List[TensorMap]:
+    return [
+        TensorMap(
+            f"{framework_prefix}.linear_fc1.weight",
+            (f"{hf_prefix}.gate_proj.weight", f"{hf_prefix}.up_proj.weight"),
+            lambda gate, up: torch.cat([gate, up]),
+            lambda fc1: tuple(fc1.chunk(2)),
+        ),
+        _rename(f"{framework_prefix}.linear_fc2.weight", f"{hf_prefix}.down_proj.weight"),
+    ]
 
 
 def _mlp_prefixes(cfg: ModelConfig, layer: int) -> List[Tuple[str, str]]:
@@ -90,59 +127,32 @@ def _mlp_prefixes(cfg: ModelConfig, layer: int) -> List[Tuple[str, str]]:
     return experts + shared
 
 
-def layer_to_megatron(
-    get: Callable[[str], Tensor], cfg: ModelConfig, layer: int, softmax: bool, mtp: bool = False
-) -> Iterator[Tuple[str, Tensor]]:
-    """Framework (suffix, tensor) pairs of one decoder layer; `get(hf_suffix)` reads HF tensors
-    of that layer. `mtp` adds the MTP layer's own norms and projection."""
+def layer_maps(cfg: ModelConfig, layer: int, softmax: bool, mtp: bool = False) -> List[TensorMap]:
+    """The TensorMaps of one decoder layer, names relative to the layer. `mtp` adds the MTP
+    layer's own norms and projection; its decoder layer sits under `transformer_layer.`."""
     renames = _LAYER_RENAMES + (_MOE_RENAMES if cfg.is_moe_layer(layer) else [])
     renames += [] if softmax else _LIGHTNING_RENAMES
-    prefix = "transformer_layer." if mtp else ""
-    for fw, hf in renames:
-        yield prefix + fw, get(hf)
-    if mtp:
-        for fw, hf in _MTP_RENAMES:
-            yield fw, get(hf)
+    maps = [_rename(fw, hf) for fw, hf in renames]
     if softmax:
-        yield prefix + "self_attention.linear_qkv.weight", softmax_qkv_to_megatron(
-            get("attention.query_key_value.weight"), cfg
-        )
+        maps.append(TensorMap(
+            "self_attention.linear_qkv.weight",
+            ("attention.query_key_value.weight",),
+            lambda qkv: softmax_qkv_to_megatron(qkv, cfg),
+            lambda w: (softmax_qkv_to_hf(w, cfg),),
+        ))
     else:
-        yield prefix + "self_attention.linear_qkvg.weight", lightning_qkvg_to_megatron(
-            get("attention.query_key_value.weight"), get("attention.g_proj.weight"), cfg
-        )
+        maps.append(TensorMap(
+            "self_attention.linear_qkvg.weight",
+            ("attention.query_key_value.weight", "attention.g_proj.weight"),
+            lambda qkv, gate: lightning_qkvg_to_megatron(qkv, gate, cfg),
+            lambda w: lightning_qkvg_to_hf(w, cfg),
+        ))
     for fw, hf in _mlp_prefixes(cfg, layer):
-        yield f"{prefix}{fw}.linear_fc1.weight", torch.cat(
-            [get(f"{hf}.gate_proj.weight"), get(f"{hf}.up_proj.weight")]
-        )
-        yield f"{prefix}{fw}.linear_fc2.weight", get(f"{hf}.down_proj.weight")
-
-
-def layer_to_hf(
-    get: Callable[[str], Tensor], cfg: ModelConfig, layer: int, softmax: bool, mtp: bool = False
-) -> Iterator[Tuple[str, Tensor]]:
-    """HF (suffix, tensor) pairs of one decoder layer; `get(framework_suffix)` reads ours."""
-    renames = _LAYER_RENAMES + (_MOE_RENAMES if cfg.is_moe_layer(layer) else [])
-    renames += [] if softmax else _LIGHTNING_RENAMES
-    prefix = "transformer_layer." if mtp else ""
-    for fw, hf in renames:
-        yield hf, get(prefix + fw)
+        maps += _swiglu(fw, hf)
     if mtp:
-        for fw, hf in _MTP_RENAMES:
-            yield hf, get(fw)
-    if softmax:
-        yield "attention.query_key_value.weight", softmax_qkv_to_hf(
-            get(prefix + "self_attention.linear_qkv.weight"), cfg
-        )
-    else:
-        qkv, gate = lightning_qkvg_to_hf(get(prefix + "self_attention.linear_qkvg.weight"), cfg)
-        yield "attention.query_key_value.weight", qkv
-        yield "attention.g_proj.weight", gate
-    for fw, hf in _mlp_prefixes(cfg, layer):
-        gate_proj, up_proj = get(f"{prefix}{fw}.linear_fc1.weight").chunk(2)
-        yield f"{hf}.gate_proj.weight", gate_proj
-        yield f"{hf}.up_proj.weight", up_proj
-        yield f"{hf}.down_proj.weight", get(f"{prefix}{fw}.linear_fc2.weight")
+        maps = [m.prefixed("transformer_layer.", "") for m in maps]
+        maps += [_rename(fw, hf) for fw, hf in _MTP_RENAMES]
+    return maps
 
 
 # ---- whole model -------------------------------------------------------------------------------
@@ -158,24 +168,26 @@ def _layers(cfg: ModelConfig) -> Iterator[Tuple[int, str, str, bool, bool]]:
         yield l, f"mtp.layers.{j}.", f"model.layers.{l}.", True, True
 
 
-def _top_renames(cfg: ModelConfig) -> List[Tuple[str, str]]:
+def model_maps(cfg: ModelConfig) -> List[TensorMap]:
+    """Every TensorMap of the model, with full names, in HF file order (embedding, layers,
+    final norm, head)."""
     # A tied output head has no tensor of its own.
-    return [(fw, hf) for fw, hf in _TOP_RENAMES if not (cfg.tie_word_embeddings and hf == "lm_head.weight")]
+    top = [_rename(fw, hf) for fw, hf in _TOP_RENAMES
+           if not (cfg.tie_word_embeddings and hf == "lm_head.weight")]
+    maps = top[:1]
+    for layer, fw_prefix, hf_prefix, softmax, mtp in _layers(cfg):
+        maps += [m.prefixed(fw_prefix, hf_prefix) for m in layer_maps(cfg, layer, softmax, mtp)]
+    return maps + top[1:]
 
 
 def hf_to_megatron(hf: Mapping[str, Tensor], cfg: ModelConfig) -> StateDict:
     """Whole HF state dict -> framework state dict (TP = PP = EP = 1 names)."""
-    out = {fw: hf[name] for fw, name in _top_renames(cfg)}
-    for layer, fw_prefix, hf_prefix, softmax, mtp in _layers(cfg):
-        get = lambda suffix, p=hf_prefix: hf[p + suffix]
-        out.update((fw_prefix + k, v) for k, v in layer_to_megatron(get, cfg, layer, softmax, mtp))
-    return out
+    return {m.framework: m.to_megatron(*(hf[name] for name in m.hf)) for m in model_maps(cfg)}
 
 
 def megatron_to_hf(sd: Mapping[str, Tensor], cfg: ModelConfig) -> StateDict:
     """Framework state dict (TP = PP = EP = 1 names) -> HF state dict."""
-    out = {name: sd[fw] for fw, name in _top_renames(cfg)}
-    for layer, fw_prefix, hf_prefix, softmax, mtp in _layers(cfg):
-        get = lambda suffix, p=fw_prefix: sd[p + suffix]
-        out.update((hf_prefix + k, v) for k, v in layer_to_hf(get, cfg, layer, softmax, mtp))
+    out: StateDict = {}
+    for m in model_maps(cfg):
+        out.update(zip(m.hf, m.to_hf(sd[m.framework])))
     return out
