@@ -26,7 +26,9 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "gpu": ["triton>=3.4"],
-        # triton is in dev too: CI runs the Triton kernels on CPU under TRITON_INTERPRET=1.
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.4"],
+        # dev is the CPU development and CI set: the CPU build of torch (pinned, so a fresh
+        # `pip install -e .[dev]` cannot resolve torch to the registry's CUDA build), and
+        # triton for running the Triton kernels on CPU under TRITON_INTERPRET=1.
+        "dev": ["torch==2.13.0", "pytest>=8", "pytest-timeout>=2.3", "triton>=3.4"],
     },
 )

@@ -74,7 +74,8 @@ class CheckpointReader:
 
 class _OnDemandPlanner(DefaultSavePlanner):
     """Plans from placeholders; produces each entry's data only when the writer asks for it,
-    so one entry is alive at a time."""
+    so at most two entries are alive at a time (torch's writer keeps the previous one while
+    the next is produced)."""
 
     def __init__(self, produce: Callable[[str], Any]):
         super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)

@@ -70,7 +70,8 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
             f"{model.num_key_value_heads} (softmax layers shard whole KV heads); use "
             f"tensor_parallel <= {model.num_key_value_heads} that divides it."
         )
-    if model.group_norm_size % tp:
+    has_lightning_layers = model.layer_group_size > 1
+    if has_lightning_layers and model.group_norm_size % tp:
         raise ConfigError(
             f"model.group_norm_size={model.group_norm_size} is not divisible by "
             f"parallel.tensor_parallel={tp}: every rank must hold whole norm groups so the "

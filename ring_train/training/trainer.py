@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, run_config: dict) -> None:
     if cfg.stage is not None:
         plans = [p for p in plans if p.name == cfg.stage]
         if plans[0].init_weights is not None and not is_complete(plans[0].init_weights):
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"stage={cfg.stage} starts from {plans[0].init_weights}, which does not hold a "
                 f"complete checkpoint: run the stage before it first."
             )

@@ -61,3 +61,7 @@ def test_valid_layouts_pass():
                                                             pipeline_parallel=4))
     check_layout(load_model_config("flash"), ParallelConfig(tensor_parallel=4, expert_parallel=8,
                                                              pipeline_parallel=8))
+
+
+def test_all_softmax_model_has_no_norm_group_constraint():
+    check_layout(_tiny(layer_group_size=1, group_norm_size=1), ParallelConfig(tensor_parallel=2))

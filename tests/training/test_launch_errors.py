@@ -49,3 +49,10 @@ def test_layout_that_does_not_tile_the_job_is_refused(tmp_path):
     assert code != 0
     assert "stage s4k: world size 1" in output, output[-2000:]
     assert not output_dir.exists()
+
+
+def test_single_stage_needs_the_previous_merged_model(tmp_path):
+    code, output, output_dir = _run_one(tmp_path, "stage=s32k")
+    assert code != 0
+    assert "stage=s32k starts from" in output and "run the stage before it first" in output
+    assert not output_dir.exists()
