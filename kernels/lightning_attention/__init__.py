@@ -17,6 +17,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from kernels.triton_support import interpreting
+
 from .reference import lightning_attention_chunked, lightning_attention_decode_reference
 
 __all__ = ["lightning_attention", "lightning_attention_decode", "set_backend", "get_backend"]
@@ -54,7 +56,7 @@ def _resolve(q: Tensor) -> str:
         if not has_triton:
             raise RuntimeError("lightning attention backend 'triton' was selected but Triton is "
                                f"not installed; select another with {ENV_VAR}")
-        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        if not (q.is_cuda or interpreting()):
             raise RuntimeError(f"lightning attention backend 'triton' needs CUDA tensors (or "
                                f"TRITON_INTERPRET=1), got {q.device}; select 'torch' or 'auto'")
     if name == "fla":

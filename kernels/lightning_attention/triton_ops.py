@@ -8,11 +8,12 @@ caller-given outputs, which lets tests poison every output before a run.
 import dataclasses
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from kernels.triton_support import interpreting
 
 from . import triton_kernels as K
 
@@ -44,7 +45,7 @@ CONFIG = KernelConfig()
 
 def _fp32_dot(x: Tensor) -> bool:
     """Upcast dot operands: for fp32 inputs, and in Triton's interpreter (its bf16 dot is wrong)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1" or x.dtype == torch.float32
+    return interpreting() or x.dtype == torch.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,13 +7,10 @@ from kernels.lightning_attention import (get_backend, lightning_attention,
                                          lightning_attention_decode, set_backend)
 from kernels.lightning_attention.reference import (lightning_attention_chunked,
                                                    lightning_attention_recurrent)
+from tests.kernels.kernel_testing import rel_err
 
 H, D = 3, 16
 CHUNK = 8  # small chunks, so short sequences still cross several chunk boundaries
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_inputs(T, B, N, seed, dv=D):

@@ -13,13 +13,9 @@ from kernels.lightning_attention.reference import (lightning_attention_chunked,
 from kernels.lightning_attention.triton_ops import (launch_backward, launch_decode,
                                                     launch_forward, lightning_attention_triton,
                                                     plan_segments)
+from tests.kernels.kernel_testing import DEVICE, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-2
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def assert_close(a, b, tol=TOL):
