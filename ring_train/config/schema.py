@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from ring_train.config.checkpoint import CheckpointConfig, WSMConfig
+from ring_train.config.compute import ComputeConfig
 from ring_train.config.data import DataConfig
 from ring_train.config.errors import ConfigError
 from ring_train.config.model import ModelConfig
@@ -94,6 +95,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     # Stages run in insertion order; each starts from the previous stage's merged model.
     stages: Dict[str, StageConfig] = field(default_factory=dict)
     # Run only this stage (its predecessor's merged model must exist); None: all, resuming.
@@ -108,13 +110,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: must be one of {PRECISIONS}.")
+        if self.compute.fp8 != "none" and self.precision != "bf16":
+            raise ConfigError(
+                f"compute.fp8={self.compute.fp8} needs precision=bf16 (FP8 GEMMs take bf16 "
+                f"activations), got precision={self.precision}."
+            )
         if not self.stages:
             raise ConfigError("stages: a recipe needs at least one stage.")
         if self.stage is not None and self.stage not in self.stages:
             raise ConfigError(f"stage={self.stage!r} is not a stage of the recipe: {list(self.stages)}.")
         for name, stage in self.stages.items():
             stage.validate(name)
-            check_layout(self.model, stage.parallel or self.parallel)
+            parallel = stage.parallel or self.parallel
+            check_layout(self.model, parallel)
+            if self.compute.grouped_experts and parallel.expert_tensor_parallel_size != 1:
+                raise ConfigError(
+                    f"compute.grouped_experts needs expert tensor parallelism 1 (stage {name} has "
+                    f"{parallel.expert_tensor_parallel_size}: it defaults to tensor_parallel); set "
+                    f"parallel.expert_tensor_parallel=1 or compute.grouped_experts=false."
+                )
             data = stage.data or self.data
             if data.reset_state_at_eod != self.model.reset_state_at_eod:
                 raise ConfigError(

@@ -11,6 +11,10 @@ The gate projection `g_proj` of the HF model is fused into the QKV projection: o
 under sequence parallelism, one all-gather of x instead of two. Each head's rows are stored
 together as [q_h; k_h; v_h; g_h] so a contiguous TP shard holds whole heads and checkpoints
 reshard without conversion code.
+
+With `compute.fused_kernels` the split + QK-norm + RoPE before the attention and the grouped
+norm x gate after it run as one Triton kernel each (kernels/qk_norm_rope, kernels/gated_norm),
+forward and backward; the PyTorch path below is their reference.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import Tensor
 
+from kernels.gated_norm import gated_group_rms_norm
 from kernels.lightning_attention import lightning_attention
+from kernels.qk_norm_rope import qkvg_split_norm_rope
 from ring_train.model.transformer_config import HybridTransformerConfig
 
 QKVG = 4  # rows per head in the fused projection: q, k, v, gate
@@ -171,6 +177,22 @@ class LightningAttention(MegatronModule):
                 "HF format (tools/convert_ling_ckpt.py export) and serve it with SGLang or vLLM."
             )
         qkvg, _ = self.linear_qkvg(hidden_states)  # [s, b, H/tp * 4 * D]
+        if self.config.fused_kernels:
+            # The same math in one kernel each side of the attention; q, k, v come out
+            # contiguous, so the attention reads unit-stride rows.
+            if self.config.rotary_interleaved:
+                raise NotImplementedError("fused_kernels: the fused RoPE is NeoX rotate-half; "
+                                          "set rotary_interleaved False or fused_kernels off")
+            q, k, v, gate = qkvg_split_norm_rope(
+                qkvg, self.q_layernorm.weight, self.k_layernorm.weight, rotary_pos_emb,
+                eps=self.q_layernorm.eps, silu=self.config.linear_silu,
+            )
+            cu_seqlens = self._document_boundaries(packed_seq_params)
+            out, _ = lightning_attention(q, k, v, self.slope(q.device), cu_seqlens=cu_seqlens)
+            out = gated_group_rms_norm(
+                out, gate, self.out_norm.weight, self.out_norm.groups, self.out_norm.eps
+            )
+            return self.linear_proj(out)
         seq, batch = qkvg.shape[:2]
         qkvg = qkvg.view(seq, batch, self.heads_per_rank, QKVG, self.head_dim)
         q, k, v, gate = qkvg.unbind(dim=3)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ring_train.config.compute import ComputeConfig
 from ring_train.config.model import ModelConfig
 from ring_train.config.parallel import ParallelConfig, check_layout
 
@@ -22,6 +24,12 @@ class HybridTransformerConfig(TransformerConfig):
     linear_silu: bool = False
     reset_state_at_eod: bool = True
     first_k_dense_replace: int = 0
+    # ComputeConfig (ring_train/config/compute.py). Named apart from megatron's own `fp8*`
+    # fields, which select transformer-engine paths.
+    linear_fp8_recipe: Optional[str] = None
+    fused_kernels: bool = False
+    grouped_experts: bool = False
+    recompute_experts: bool = False
 
 
 def to_transformer_config(
@@ -29,6 +37,7 @@ def to_transformer_config(
     parallel: ParallelConfig,
     *,
     params_dtype: torch.dtype = torch.float32,
+    compute: Optional[ComputeConfig] = None,
     **overrides,
 ) -> HybridTransformerConfig:
     """The megatron-core config of `model` under `parallel`.
@@ -38,6 +47,7 @@ def to_transformer_config(
     field (e.g. recompute settings).
     """
     check_layout(model, parallel)
+    compute = compute or ComputeConfig()
     bf16 = params_dtype == torch.bfloat16
     kwargs = dict(
         # shape
@@ -64,6 +74,11 @@ def to_transformer_config(
         linear_silu=model.linear_silu,
         reset_state_at_eod=model.reset_state_at_eod,
         first_k_dense_replace=model.first_k_dense_replace,
+        # compute
+        linear_fp8_recipe=None if compute.fp8 == "none" else compute.fp8,
+        fused_kernels=compute.fused_kernels,
+        grouped_experts=compute.grouped_experts,
+        recompute_experts=compute.recompute_experts,
         # Layers differ (lightning/softmax, dense/MoE): checkpoint keys carry each layer's
         # index instead of stacking layers on one axis.
         hetereogenous_dist_checkpoint=True,

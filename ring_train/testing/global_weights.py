@@ -14,6 +14,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from ring_train.checkpoint.sharded_state import model_metadata
 
 
+RECENT_GLOBAL_TENSORS = 4
+
+
 def global_tensor(key: str, shape, vector: bool, std: float = 0.05) -> torch.Tensor:
     """The whole tensor behind checkpoint key `key`: norm weights (`vector`) near 1, the
     others N(0, std)."""
@@ -25,6 +28,10 @@ def global_tensor(key: str, shape, vector: bool, std: float = 0.05) -> torch.Ten
 @torch.no_grad()
 def fill_global_weights(chunks: Iterable[torch.nn.Module], std: float = 0.05) -> None:
     """Give every trainable parameter shard of `chunks` its slice of `global_tensor(key)`."""
+    # The experts of a layer share their keys (the expert axis is prepended), visited in turn
+    # (fc1, fc2 of expert 0, then of expert 1, ...): keep the last few global tensors instead
+    # of drawing one per expert.
+    recent: dict = {}
     for chunk in chunks:
         sharded = chunk.sharded_state_dict(metadata=model_metadata())
         # Factories (e.g. the SwiGLU fc1 split into gate and up halves) become ShardedTensors
@@ -37,5 +44,9 @@ def fill_global_weights(chunks: Iterable[torch.nn.Module], std: float = 0.05) ->
             index = tuple(slice(o, o + n) for o, n in zip(tensor.global_offset, local))
             # Leading (layer, expert) axes are prepended to the tensor's own shape.
             vector = len(tensor.global_shape) - tensor.prepend_axis_num == 1
-            full = global_tensor(tensor.key, tensor.global_shape, vector, std)
+            if tensor.key not in recent:
+                if len(recent) == RECENT_GLOBAL_TENSORS:
+                    recent.pop(next(iter(recent)))
+                recent[tensor.key] = global_tensor(tensor.key, tensor.global_shape, vector, std)
+            full = recent[tensor.key]
             tensor.data.copy_(full[index].reshape(tensor.local_shape))

@@ -12,6 +12,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
+from kernels.fp8.linear import WEIGHT_CACHE as FP8_WEIGHT_CACHE
 from ring_train.data.microbatch import Microbatch
 from ring_train.parallel.distributed import device
 
@@ -90,6 +91,9 @@ def _run_schedule(model, microbatches: List[Microbatch], forward_only: bool) -> 
 
 def train_step(model, optimizer, microbatches: List[Microbatch]) -> StepResult:
     """Forward and backward over `microbatches` (this DP rank's share), then one optimizer step."""
+    # Weights changed since the last call (optimizer step, checkpoint load, WSM merge) through
+    # buffers autograd does not see; FP8 layers re-quantise them once for this step.
+    FP8_WEIGHT_CACHE.invalidate()
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -102,6 +106,7 @@ def train_step(model, optimizer, microbatches: List[Microbatch]) -> StepResult:
 @torch.no_grad()
 def evaluate(model, microbatches: List[Microbatch]) -> tuple[float, int]:
     """(token-weighted mean LM loss, token count) of the global batch, forward only."""
+    FP8_WEIGHT_CACHE.invalidate()
     for chunk in model:
         chunk.eval()
     try:

@@ -108,7 +108,8 @@ class StageRun:
         self.model_cfg = stage_model_config(cfg, self.stage)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.config = to_transformer_config(
-            self.model_cfg, parallel, params_dtype=dtype, **pipeline_comm_kwargs()
+            self.model_cfg, parallel, params_dtype=dtype, compute=cfg.compute,
+            **pipeline_comm_kwargs()
         )
         chunks = build_model_chunks(self.model_cfg, self.config)
         self.resume_from = checkpoint_to_resume(

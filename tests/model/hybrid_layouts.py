@@ -1,12 +1,13 @@
 """The tiny hybrid model (lightning + softmax layers, dense + MoE FFN, MTP) trained for a few
 steps under one parallel layout, from layout-independent global weights and data."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
 
+from ring_train.config.compute import ComputeConfig
 from ring_train.config.model import load_model_config
 from ring_train.config.optim import OptimConfig
 from ring_train.config.parallel import ParallelConfig
@@ -30,6 +31,7 @@ class Layout:
     vpp: Optional[int] = None
     ep: int = 1
     dispatcher: str = "alltoall"
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
 
 def global_batch(step: int) -> List[Microbatch]:
@@ -60,7 +62,8 @@ def train(rank: int, layout: Layout, steps: int = 3) -> List[Tuple[float, float]
     parallel = ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
                               virtual_pipeline_parallel=layout.vpp, expert_parallel=layout.ep,
                               moe_token_dispatcher=layout.dispatcher)
-    config = to_transformer_config(model_cfg, parallel, **pipeline_comm_kwargs())
+    config = to_transformer_config(model_cfg, parallel, compute=layout.compute,
+                                   **pipeline_comm_kwargs())
     chunks = build_model_chunks(model_cfg, config)
     fill_global_weights(chunks)
     model = wrap_ddp(chunks, config, distributed_optimizer=False)
