@@ -14,7 +14,6 @@ date, results) to --out.
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -25,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.common import version
+
 # torch and ring_train are imported only where the source is written, in a child process: a
 # child's peak RSS as the kernel reports it is at least its parent's at the time it was
 # started, so the measuring process must stay small.
@@ -33,13 +34,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_ling_ckpt.py"
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
 RSS_LIMIT_SHARDS = 3
-
-
-def version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def cpu_name() -> str:

@@ -15,7 +15,6 @@ results, accuracy, and the text of --accuracy-log, e.g. the GPU test log) and a 
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import pathlib
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from benchmarks.common import version
 from kernels.lightning_attention import triton_ops
 from kernels.lightning_attention.reference import lightning_attention_chunked
 from kernels.lightning_attention.triton_ops import lightning_attention_triton
@@ -38,13 +38,6 @@ SWEEP = [  # launch configurations tried by --sweep (fields of triton_ops.Kernel
 def model_slopes(H: int, device) -> torch.Tensor:
     """The Ring-linear per-head slopes 2^(-8(h+1)/H) at layer factor 1 (the fastest decays)."""
     return torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device=device)
-
-
-def version(pkg: str) -> str:
-    try:
-        return importlib.metadata.version(pkg)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def copy_bandwidth() -> float:

@@ -7,7 +7,7 @@ difference per step <= LOSS_RTOL). A resume check restarts from the reference ru
 checkpoint at another layout (the same one when only one GPU exists) and compares steps 11-20.
 Writes `benchmarks/results/parallel_validation_<device>_<date>.json`.
 
-    python benchmarks/parallel_validation.py [--layouts single tp2 pp2 ep2 tp2xep2]
+    python -m benchmarks.parallel_validation [--layouts single tp2 pp2 ep2 tp2xep2]
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.runs import ROOT, initial_weights, launch, median_after_warmup, step_records
+
 # bf16 weights and activations: layouts reduce in different orders, and a near-tie in MoE
 # routing may move a token between experts, so curves agree to bf16 precision, not bitwise.
 LOSS_RTOL = 2e-2
@@ -40,49 +39,18 @@ def world_size(layout: dict) -> int:
     return max(dense, layout.get("expert_parallel", 1) * layout.get("pipeline_parallel", 1))
 
 
-def torchrun(nproc: int, args: list, log: Path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_port=29511", *args]
-    with log.open("w") as out:
-        code = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
-    if code:
-        raise RuntimeError(f"{' '.join(map(str, command))} failed ({code}); see {log}")
-
-
-def write_initial_weights(directory: str) -> None:
-    """(Run under torchrun, one process.) The proxy's weights, layout-independent."""
-    from megatron.core import parallel_state
-
-    from ring_train.checkpoint.training_checkpoint import save_weights
-    from ring_train.config.hydra import compose_recipe, to_train_config
-    from ring_train.model.transformer_config import to_transformer_config
-    from ring_train.parallel.distributed import init_distributed
-    from ring_train.testing.global_weights import fill_global_weights
-    from ring_train.training.setup import build_model_chunks
-
-    cfg = to_train_config(compose_recipe(["recipe=mini_proxy"]))
-    init_distributed(seed=cfg.seed)
-    config = to_transformer_config(cfg.model, cfg.parallel, params_dtype=torch.bfloat16)
-    chunks = build_model_chunks(cfg.model, config)
-    fill_global_weights(chunks, std=0.02)
-    save_weights(Path(directory), 0, chunks)
-    parallel_state.destroy_model_parallel()
-
-
 def train(name: str, layout: dict, work: Path, init: Path, extra: list) -> dict:
     out = work / name
     overrides = [f"parallel.{k}={v}" for k, v in layout.items()]
-    torchrun(world_size(layout), ["launch/pretrain.py", "recipe=mini_proxy", f"output_dir={out}",
-                                  f"init_from={init}", f"data.cache_dir={work / 'cache'}",
-                                  *overrides, *extra], work / f"{name}.log")
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "loss" in r]
+    records = launch(world_size(layout), out, ["recipe=mini_proxy", f"init_from={init}",
+                     f"data.cache_dir={work / 'cache'}", *overrides, *extra], work / f"{name}.log")
+    steps = step_records(records)
     return {
         "world_size": world_size(layout),
         "layout": layout,
         "losses": {r["stage_step"]: r["loss"] for r in steps},
-        # The first steps include compilation and warmup.
-        "tokens_per_second_per_gpu": sorted(r["tokens_per_second_per_device"] for r in steps[3:])[len(steps[3:]) // 2],
+        "tokens_per_second_per_gpu": median_after_warmup(
+            [r["tokens_per_second_per_device"] for r in steps]),
         "peak_memory_gib": max(r["memory_gib"] for r in steps),
         "eval_loss_merged": next((r["eval_loss_merged"] for r in records if "eval_loss_merged" in r), None),
         "output_dir": str(out),
@@ -98,17 +66,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--work-dir", default="runs/parallel_validation")
-    parser.add_argument("--write-initial-weights", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.write_initial_weights:
-        return write_initial_weights(args.write_initial_weights)
 
     gpus = torch.cuda.device_count()
     work = (ROOT / args.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    init = work / "init"
-    if not (init / "latest").is_file():
-        torchrun(1, [__file__, "--write-initial-weights", str(init)], work / "init.log")
+    init = initial_weights(work / "init", ["recipe=mini_proxy"], work / "init.log")
 
     report = {
         "benchmark": "parallel_validation",

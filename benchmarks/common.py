@@ -1,0 +1,92 @@
+"""What every benchmark records: the environment, the timing rule and the JSON file it writes.
+
+Imports nothing heavy at module level: benchmarks that measure their own memory import it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import platform
+from typing import Callable, Iterator
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def version(pkg: str) -> str:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict:
+    """Device, library versions and the UTC time of the run."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    return {
+        "device": device or platform.machine(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "megatron_core": version("megatron-core"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def median_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median wall time of `fn` on the GPU in ms (triton.testing.do_bench, L2 flushed)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def write_result(name: str, payload: dict, out_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
+    """Writes `{environment, **payload}` to `<out_dir>/<name>_<UTC stamp>.json`; returns the path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"{name}_{stamp}.json"
+    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    return path
+
+
+def copy_bandwidth(device: str = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), of a 1 GiB copy."""
+    import torch
+
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=device).random_(0, 255)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / (median_ms(lambda: y.copy_(x)) * 1e-3)
+
+
+@contextlib.contextmanager
+def launch_config(module, **overrides) -> Iterator[object]:
+    """module.CONFIG (a dataclass of launch parameters) replaced by a copy with `overrides` for
+    the with-block, restored after it (configuration sweeps)."""
+    default = module.CONFIG
+    module.CONFIG = dataclasses.replace(default, **overrides)
+    try:
+        yield module.CONFIG
+    finally:
+        module.CONFIG = default
+
+
+def sweep_configs(module, kernel: str, overrides_list, runs: dict) -> list:
+    """Fused timings (median_ms of the first of each (fused, unfused) pair in `runs` whose name
+    starts with `kernel`) under each launch configuration of overrides_list (launch_config); one
+    printed row per configuration."""
+    rows = []
+    for overrides in overrides_list:
+        with launch_config(module, **overrides):
+            row = {"kernel": kernel, "config": {k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in overrides.items()}}
+            row.update({name: median_ms(fused) for name, (fused, _) in runs.items()
+                        if name.startswith(kernel)})
+        rows.append(row)
+        print(row, flush=True)
+    return rows
