@@ -56,7 +56,7 @@ from kernels.triton_support import ROUND_CODES, interpreting, log_once, use_trit
 from . import grouped_reference as ref
 from .grouped_reference import GroupColumns, padded_capacity
 from .tensor import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Tensor
-from .triton_cast import fp8_cast, fp8_scale, round_to_code
+from .triton_cast import fp8_cast, fp8_inverse, fp8_scale, round_to_code
 
 __all__ = ["grouped_mm", "grouped_wgrad", "quantize_rows", "quantize_expert_weight",
            "quantize_group_columns", "quantize_swiglu_rows", "quantize_swiglu_columns",
@@ -136,13 +136,13 @@ def _rows_kernel(x_ptr, p_ptr, q_ptr, s_ptr, N, K, stride_b, stride_n, stride_k,
         acc = tl.maximum(acc, tl.abs(v))
     s = fp8_scale(tl.max(acc, axis=1))
     tl.store(s_ptr + r64, s, mask=mask_r)
-    s2 = tl.zeros((BM, BK), dtype=tl.float32) + s[:, None]
+    inv = fp8_inverse(s)[:, None]
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         mask_c = cols < K
         v = _load_tile(x_ptr, p_ptr, row_off, r64, cols, mask_r, mask_c, stride_k,
                        gate_up_off, SWIGLU, ROUND, EXACT_ROUND)
-        tl.store(q_ptr + r64[:, None] * K + cols[None, :], fp8_cast(v, s2, EXACT_ROUND),
+        tl.store(q_ptr + r64[:, None] * K + cols[None, :], fp8_cast(v, inv, EXACT_ROUND),
                  mask=mask_r[:, None] & mask_c[None, :])
 
 
@@ -171,13 +171,13 @@ def _group_columns_kernel(x_ptr, p_ptr, offs_ptr, poffs_ptr, q_ptr, s_ptr, C, T_
         acc = tl.maximum(acc, tl.abs(v))
     s = fp8_scale(tl.max(acc, axis=0))
     tl.store(s_ptr + e.to(tl.int64) * C + c64, s, mask=mask_c)
-    s2 = tl.zeros((BT, BC), dtype=tl.float32) + s[None, :]
+    inv = fp8_inverse(s)[None, :]
     for t0 in range(start, end, BT):
         rows = t0 + tl.arange(0, BT)
         mask_r = rows < end
         v = _load_tile(x_ptr, p_ptr, rows.to(tl.int64) * stride_t, rows, cols, mask_r,
                        mask_c, stride_c, gate_up_off, SWIGLU, ROUND, EXACT_ROUND)
-        q = fp8_cast(v, s2, EXACT_ROUND)
+        q = fp8_cast(v, inv, EXACT_ROUND)
         dst = (pstart + rows - start).to(tl.int64)
         tl.store(q_ptr + c64[:, None] * T_CAP + dst[None, :], tl.trans(q),
                  mask=mask_c[:, None] & mask_r[None, :])

@@ -35,7 +35,8 @@ from torch import Tensor
 from kernels.swiglu.reference import swiglu_backward_reference as swiglu_emit_backward_reference
 from kernels.swiglu.reference import swiglu_reference  # noqa: F401 (the SwiGLU reference)
 
-from .tensor import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Tensor
+from .reference import cast_to_fp8, scale_from_amax
+from .tensor import FP8_DTYPE, Fp8Tensor
 
 GROUP_ALIGN = 16  # e4m3 elements in the 16 bytes a TMA group start needs
 
@@ -70,16 +71,6 @@ def _counts(tokens_per_expert: Tensor | Sequence[int]) -> list[int]:
     if isinstance(tokens_per_expert, Tensor):
         return [int(c) for c in tokens_per_expert.tolist()]
     return [int(c) for c in tokens_per_expert]
-
-
-def scale_from_amax(amax: Tensor) -> Tensor:
-    """Decoding scale of groups with absolute maximum `amax` (fp32)."""
-    return amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
-
-
-def cast_to_fp8(x: Tensor, scale: Tensor) -> Tensor:
-    """e4m3 data of x under decoding scale `scale` (broadcast against x), RTNE."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def quantize_rows_reference(x: Tensor) -> Fp8Tensor:

@@ -14,7 +14,8 @@ Kernels:
       (block1x128: row-block and column-block amax of the tile; block128x128: tile amax) or reads
       precomputed amaxes (row, tensor), and writes the rows form, the transposed columns form, or
       both. block1x128 columns and block128x128 need 128 x 128 tiles.
-  `_amax_tensor_kernel` (tensor) persistent grid-stride max, one fp32 atomic_max per program;
+  `_amax_tensor_kernel` (tensor) persistent flat grid-stride max, one fp32 atomic_max per
+      program;
   `_amax_lines_kernel` (row, columns form) per-row / per-column atomic_max over tiles;
   `_rowwise_rows_kernel` (row, rows form) one program per row tile: an amax sweep over K, then
       the cast sweep (the second read mostly hits L2).
@@ -38,7 +39,7 @@ from . import reference
 from .tensor import BLOCK, FP8_DTYPE, Fp8Tensor, empty_scale
 from kernels.triton_support import interpreting, use_triton
 
-from .triton_cast import fp8_cast, fp8_scale
+from .triton_cast import fp8_cast, fp8_inverse, fp8_scale
 
 __all__ = ["quantize_rows", "quantize_columns", "quantize_rows_and_columns", "quantize_weight",
            "quantize_weight_and_transpose", "transpose_fp8", "ACTIVATION_SCALINGS",
@@ -52,15 +53,21 @@ logger = logging.getLogger(__name__)
 # Group kinds of `_cast_tile_kernel` (constexpr codes).
 G_BLOCK1D, G_BLOCK2D, G_ROW, G_TENSOR = 0, 1, 2, 3
 _GROUP = {"block1x128": G_BLOCK1D, "block128x128": G_BLOCK2D, "row": G_ROW, "tensor": G_TENSOR}
-TILE_WARPS = 8
+# `_cast_tile_kernel` tiles: BK = 128 always; BM = 128 where groups span 128 rows (block1x128
+# columns, block128x128), else CAST_BM, which measured fastest on the H100 (64 x 128 at 4 warps:
+# ~2.7 TB/s for tensor-scaled rows and columns, against 128 x 128 at 8 warps ~2.3 TB/s).
+CAST_BM = 64
+TILE_WARPS = 4
+AMAX_CHUNK, AMAX_PROGRAMS_PER_SM = 4096, 8  # `_amax_tensor_kernel`
 ROWWISE_BM, ROWWISE_BK = 16, 512  # `_rowwise_rows_kernel` tile
 
 
 @triton.jit
 def _line_scales(x, amax_ptr, offs, mask, pid_other, scale_ptr, stride0, stride1,
                  AXIS: tl.constexpr, FROM_TILE: tl.constexpr):
-    """Scales of the tile's rows (AXIS 1) or columns (AXIS 0), lines at offs: from the tile
-    (block1x128, written by every tile) or from precomputed amaxes (row, written once)."""
+    """Stores the scales of the tile's rows (AXIS 1) or columns (AXIS 0), lines at offs: from
+    the tile (block1x128, written by every tile) or from precomputed amaxes (row, written once).
+    Returns their inverses (what the cast multiplies by)."""
     if FROM_TILE:
         s = fp8_scale(tl.max(tl.abs(x), axis=AXIS))
         tl.store(scale_ptr + offs * stride0 + pid_other * stride1, s, mask=mask)
@@ -68,7 +75,7 @@ def _line_scales(x, amax_ptr, offs, mask, pid_other, scale_ptr, stride0, stride1
         s = fp8_scale(tl.load(amax_ptr + offs, mask=mask, other=0.0))
         if pid_other == 0:
             tl.store(scale_ptr + offs * stride0, s, mask=mask)
-    return s
+    return fp8_inverse(s)
 
 
 @triton.jit
@@ -93,14 +100,13 @@ def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
     # Masked elements load as 0, which no amax sees.
     x = tl.load(x_ptr + om[:, None] * stride_xm + ok[None, :] * stride_xk, mask=mask,
                 other=0.0).to(tl.float32)
-    zero = tl.zeros((BM, BK), dtype=tl.float32)
 
     if GROUP == 1 or GROUP == 3:  # one scale per tile (block128x128) or per tensor
         if GROUP == 1:
             s = fp8_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
         else:
             s = fp8_scale(tl.load(amax_r_ptr))
-        q = fp8_cast(x, zero + s, EXACT_ROUND)
+        q = fp8_cast(x, fp8_inverse(s), EXACT_ROUND)
         qc = q
         if GROUP == 1:
             if ROWS:
@@ -114,13 +120,13 @@ def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
                 tl.store(sc_ptr, s)
     else:  # per-row groups for the rows form, per-column groups for the columns form
         if ROWS:
-            rs = _line_scales(x, amax_r_ptr, om, mask_m, pid_k, sr_ptr, stride_sr0, stride_sr1,
-                              1, GROUP == 0)
-            q = fp8_cast(x, zero + rs[:, None], EXACT_ROUND)
+            inv_r = _line_scales(x, amax_r_ptr, om, mask_m, pid_k, sr_ptr, stride_sr0,
+                                 stride_sr1, 1, GROUP == 0)
+            q = fp8_cast(x, inv_r[:, None], EXACT_ROUND)
         if COLS:
-            cs = _line_scales(x, amax_c_ptr, ok, mask_k, pid_m, sc_ptr, stride_sc0, stride_sc1,
-                              0, GROUP == 0)
-            qc = fp8_cast(x, zero + cs[None, :], EXACT_ROUND)
+            inv_c = _line_scales(x, amax_c_ptr, ok, mask_k, pid_m, sc_ptr, stride_sc0,
+                                 stride_sc1, 0, GROUP == 0)
+            qc = fp8_cast(x, inv_c[None, :], EXACT_ROUND)
     if ROWS:
         tl.store(qr_ptr + om[:, None] * K + ok[None, :], q, mask=mask)
     if COLS:
@@ -129,22 +135,18 @@ def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
 
 
 @triton.jit
-def _amax_tensor_kernel(x_ptr, M, K, stride_xm, stride_xk, amax_ptr,
-                        BM: tl.constexpr, BK: tl.constexpr):
-    """amax_ptr[0] = max(amax_ptr[0], max |x|): a persistent grid-stride sweep over the tiles."""
-    pid = tl.program_id(0)
-    n_k = tl.cdiv(K, BK)
-    n_tiles = tl.cdiv(M, BM) * n_k
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for t in range(pid, n_tiles, tl.num_programs(0)):
-        offs_m = (t // n_k) * BM + tl.arange(0, BM)
-        offs_k = (t % n_k) * BK + tl.arange(0, BK)
-        mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-                    + offs_k.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
-        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+def _amax_tensor_kernel(x_ptr, N, K, stride_xm, stride_xk, amax_ptr,
+                        B: tl.constexpr, CONTIGUOUS: tl.constexpr):
+    """amax_ptr[0] = max(amax_ptr[0], max |x|) over the N elements of x [N / K, K]: a persistent
+    grid-stride sweep over runs of B elements in row-major order, one fp32 atomic_max per
+    program."""
+    acc = tl.zeros((B,), dtype=tl.float32)
+    for start in range(tl.program_id(0) * B, N, tl.num_programs(0) * B):
+        i = (start + tl.arange(0, B)).to(tl.int64)
+        offs = i if CONTIGUOUS else (i // K) * stride_xm + (i % K) * stride_xk
+        acc = tl.maximum(acc, tl.abs(tl.load(x_ptr + offs, mask=i < N, other=0.0).to(tl.float32)))
     # amax >= 0, for which fp32 atomic_max is exact.
-    tl.atomic_max(amax_ptr, tl.max(tl.max(acc, axis=1), axis=0))
+    tl.atomic_max(amax_ptr, tl.max(acc, axis=0))
 
 
 @triton.jit
@@ -181,13 +183,13 @@ def _rowwise_rows_kernel(x_ptr, M, K, stride_xm, stride_xk, q_ptr, s_ptr,
         acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
     s = fp8_scale(tl.max(acc, axis=1))
     tl.store(s_ptr + om, s, mask=mask_m)
-    s2 = tl.zeros((BM, BK), dtype=tl.float32) + s[:, None]
+    inv = fp8_inverse(s)[:, None]
     for k0 in range(0, K, BK):
         ok = (k0 + tl.arange(0, BK)).to(tl.int64)
         mask = mask_m[:, None] & (ok < K)[None, :]
         x = tl.load(x_ptr + om[:, None] * stride_xm + ok[None, :] * stride_xk, mask=mask,
                     other=0.0).to(tl.float32)
-        tl.store(q_ptr + om[:, None] * K + ok[None, :], fp8_cast(x, s2, EXACT_ROUND), mask=mask)
+        tl.store(q_ptr + om[:, None] * K + ok[None, :], fp8_cast(x, inv, EXACT_ROUND), mask=mask)
 
 
 def _check(x: Tensor, scaling: str, allowed: tuple[str, ...], what: str) -> None:
@@ -204,11 +206,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_programs(x: Tensor, n_tiles: int) -> int:
-    """Programs of the persistent amax sweep: 4 per SM (4 in the interpreter)."""
+def _num_programs(x: Tensor) -> int:
+    """Programs of the persistent amax sweep: AMAX_PROGRAMS_PER_SM per SM (4 in the
+    interpreter), no more than there are chunks."""
+    chunks = triton.cdiv(x.numel(), AMAX_CHUNK)
     if interpreting() or not x.is_cuda:
-        return min(n_tiles, 4)
-    return min(n_tiles, 4 * _sm_count(x.device))
+        return min(chunks, 4)
+    return min(chunks, AMAX_PROGRAMS_PER_SM * _sm_count(x.device))
 
 
 def _or(t: Tensor | None, default: Tensor) -> Tensor:
@@ -240,14 +244,15 @@ def _quantize(x: Tensor, scaling: str, rows: bool, cols: bool
                                    BK=ROWWISE_BK, EXACT_ROUND=exact, num_warps=4)
         return Fp8Tensor(qr, sr, scaling), None
 
-    BM = BK = BLOCK
+    BK = BLOCK
+    BM = BLOCK if scaling == "block128x128" or (scaling == "block1x128" and cols) else CAST_BM
     grid = (triton.cdiv(M, BM), triton.cdiv(K, BK))
     amax_r = amax_c = None
     if scaling == "tensor":
         amax_r = torch.zeros(1, dtype=torch.float32, device=dev)
-        n_prog = _num_programs(x, grid[0] * grid[1])
-        _amax_tensor_kernel[(n_prog,)](x, M, K, x.stride(0), x.stride(1), amax_r, BM=BM, BK=BK,
-                                       num_warps=TILE_WARPS)
+        _amax_tensor_kernel[(_num_programs(x),)](
+            x, x.numel(), K, x.stride(0), x.stride(1), amax_r, B=AMAX_CHUNK,
+            CONTIGUOUS=x.is_contiguous(), num_warps=8)
     elif scaling == "row":
         amax_r = torch.zeros(M, dtype=torch.float32, device=dev) if rows else None
         amax_c = torch.zeros(K, dtype=torch.float32, device=dev)

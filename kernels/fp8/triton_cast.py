@@ -2,8 +2,9 @@
 numerics of tensor.py / reference.py: the tests compare bit for bit) and rounding to the
 activation dtype.
 
-  fp8_scale(amax)                    max(amax, AMAX_FLOOR) / 448, IEEE-rounded as torch divides
-  fp8_cast(x, s, EXACT_ROUND)        e4m3(clamp(x / s, -448, 448)), round to nearest even
+  fp8_scale(amax)                    max(amax, AMAX_FLOOR) / 448, correctly rounded
+  fp8_inverse(s)                     1 / s, IEEE-rounded (once per group, not per element)
+  fp8_cast(x, inv_s, EXACT_ROUND)    e4m3(clamp(x * inv_s, -448, 448)), round to nearest even
   bf16_rne(x)                        fp32 x rounded to nearest-even bf16 by bit arithmetic (fp32)
   round_to_code(x, ROUND, EXACT)     fp32 x rounded to the dtype of ROUND code (ROUND_CODES in
                                      kernels/triton_support.py) and back to fp32
@@ -28,11 +29,17 @@ _FMAX = tl.constexpr(FP8_MAX)
 @triton.jit
 def fp8_scale(amax):
     """Decoding scale(s) of groups with absolute maximum amax (fp32, any shape)."""
-    # Triton's `/` is approximate on GPUs; div_rn rounds as torch divides. The divisor is given
-    # amax's shape (m is finite, so m * 0 + 448 == 448): with a scalar constant the H100 build
-    # gave scales 1 ulp off torch's in about half the groups.
+    # Triton's `/` is approximate on GPUs; div_rn rounds correctly (reference.scale_from_amax
+    # too). Both operands have amax's shape (m is finite, so m * 0 + 448 == 448).
     m = tl.maximum(amax, _FLOOR)
     return tl.math.div_rn(m, m * 0.0 + _FMAX)
+
+
+@triton.jit
+def fp8_inverse(scale):
+    """1 / scale (fp32, any shape), rounded as torch's reciprocal. The cast multiplies by it: an
+    IEEE division per element (div_rn) halved the quantisers' bandwidth on the H100."""
+    return tl.math.div_rn(scale * 0.0 + 1.0, scale)
 
 
 @triton.jit
@@ -47,9 +54,10 @@ def e4m3_grid(q):
 
 
 @triton.jit
-def fp8_cast(x, s, EXACT_ROUND: tl.constexpr):
-    """e4m3 of clamp(x / s); x, s fp32 (s broadcast to x's shape)."""
-    q = tl.math.div_rn(x, s)
+def fp8_cast(x, inv_scale, EXACT_ROUND: tl.constexpr):
+    """e4m3 of clamp(x * inv_scale); x fp32, inv_scale fp32 (fp8_inverse of the scales),
+    broadcastable to x."""
+    q = x * inv_scale
     q = tl.minimum(tl.maximum(q, -_FMAX), _FMAX)
     if EXACT_ROUND:
         q = e4m3_grid(q)

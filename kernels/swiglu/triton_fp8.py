@@ -2,8 +2,8 @@
 tile, and write it out in the forms asked for, quantising it to block1x128 FP8 in registers.
 
 The quantisation is the format of kernels/fp8/tensor.py: per group, scale = max(amax,
-AMAX_FLOOR) / 448 (fp32, IEEE-rounded division, as torch computes it) and data =
-e4m3(clamp(x / scale, -448, 448)), rounded to nearest even.
+AMAX_FLOOR) / 448 (fp32, correctly rounded division) and data =
+e4m3(clamp(x * (1 / scale), -448, 448)), rounded to nearest even.
 
 The scale and the e4m3 cast are kernels/fp8/triton_cast.py's (`fp8_scale`, `fp8_cast`).
 INTERPRET (a constexpr flag, True only in Triton's CPU interpreter) is their exact-rounding flag:
@@ -15,7 +15,7 @@ hardware conversions run.
 import triton
 import triton.language as tl
 
-from kernels.fp8.triton_cast import bf16_rne, fp8_cast, fp8_scale  # noqa: F401 (re-export)
+from kernels.fp8.triton_cast import bf16_rne, fp8_cast, fp8_inverse, fp8_scale  # noqa: F401 (re-export)
 
 
 @triton.jit
@@ -43,7 +43,8 @@ def store_fp8_rows(v, rows, cols, row_ok, col_ok, data_ptr, stride_data, scale_p
     scale[rows, block] (through strides)."""
     scale = fp8_scale(tl.max(tl.abs(v), axis=1))
     ptrs = data_ptr + rows[:, None].to(tl.int64) * stride_data + cols[None, :]
-    tl.store(ptrs, fp8_cast(v, scale[:, None], INTERPRET), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, fp8_cast(v, fp8_inverse(scale)[:, None], INTERPRET),
+             mask=row_ok[:, None] & col_ok[None, :])
     tl.store(scale_ptr + rows.to(tl.int64) * stride_scale_r + block * stride_scale_b, scale,
              mask=row_ok)
 
@@ -68,7 +69,8 @@ def store_fp8_columns_scaled(v, scale, rows, cols, row_ok, col_ok, data_ptr, str
     # Element (i, j) of the tile goes to data[cols[j], rows[i]]; the compiler picks the
     # register layout that makes these stores contiguous along the rows.
     ptrs = data_ptr + cols[None, :].to(tl.int64) * stride_data + rows[:, None]
-    tl.store(ptrs, fp8_cast(v, scale[None, :], INTERPRET), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(ptrs, fp8_cast(v, fp8_inverse(scale)[None, :], INTERPRET),
+             mask=row_ok[:, None] & col_ok[None, :])
     tl.store(scale_ptr + cols.to(tl.int64) * stride_scale_r + block * stride_scale_b, scale,
              mask=col_ok)
 

@@ -53,8 +53,7 @@ def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str = ""):
 def assert_same_fp8(t: Fp8Tensor, ref: Fp8Tensor, what: str = ""):
     assert t.scaling == ref.scaling == "row"
     assert_fp8_data_match(t.data, ref.data, what + " data")
-    # Within one fp32 ulp of torch's amax / 448 (the fp8 quantiser tests' bound too).
-    torch.testing.assert_close(t.scale, ref.scale, rtol=2 ** -23, atol=0, msg=what + " scale")
+    assert_bitwise(t.scale, ref.scale, what + " scale")
 
 
 def assert_same_columns(got: R.GroupColumns, ref: R.GroupColumns, what: str = ""):
