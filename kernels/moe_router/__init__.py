@@ -1,9 +1,10 @@
 """MoE router: fp32 gate logits and sigmoid group-limited top-k routing; one dispatch point.
 
-Backends: triton (`triton_ops.py`; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and torch
-(`reference.py`, any device). CUDA tensors run the Triton kernels when Triton is installed, other
-tensors the reference; the first call on each path logs which one runs. The router module
-(ring_train/model/router.py) decides whether to take this path at all.
+Logits: cuBLAS GEMMs with fp32 accumulation and output on CUDA (`logits.py`), the upcasting
+reference elsewhere. Routing backends: triton (`triton_ops.py`; CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1) and torch (`reference.py`, any device). CUDA tensors run the Triton kernel when
+Triton is installed, other tensors the reference; the first call on each path logs which one runs.
+The router module (ring_train/model/router.py) decides whether to take this path at all.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 
 from kernels.triton_support import triton_runs, use_triton
 
+from .logits import router_logits_fp32
 from .reference import Routing, router_logits_reference, sigmoid_topk_routing_reference
 
 __all__ = ["Routing", "router_logits", "sigmoid_topk_routing", "triton_runs",
@@ -30,11 +32,9 @@ def unsupported_reason(num_experts: int, topk: int, num_groups: Optional[int],
 
 def router_logits(x: Tensor, weight: Tensor) -> Tensor:
     """x [..., d] @ weight [E, d]^T accumulated in fp32 -> fp32 [..., E], differentiable in both;
-    the Triton path never makes an fp32 copy of x."""
-    if use_triton(x, "moe router logits"):
-        from .triton_ops import router_logits_triton
-
-        return router_logits_triton(x, weight)
+    on CUDA no fp32 copy of x or weight is made (logits.py)."""
+    if x.is_cuda:
+        return router_logits_fp32(x, weight)
     return router_logits_reference(x, weight)
 
 

@@ -1,12 +1,5 @@
 """Triton kernels of the MoE router (reference.py has the math).
 
-`matmul_kernel`: C = A @ B read through strides, accumulated in fp32; the router's three GEMMs
-(logits = x W^T, dx = dlogits W, dW = dlogits^T x) use it, so no fp32 copy of x is ever made.
-bf16 x bf16 runs on bf16 tensor cores (products of bf16 values are exact in fp32); any fp32
-operand makes both operands fp32 with `PRECISION` ("tf32x3", three TF32 products, close to fp32,
-for an fp32 gradient against a bf16 operand; "ieee" when all operands are fp32, and in the
-interpreter). Split-K (grid axis 2) writes one partial C per split.
-
 `routing_fwd_kernel`: one program per BT tokens holds their [BT, E] logits in registers and does
 sigmoid, expert bias, group-limited top-k, top-k, normalisation and scaling in one pass; writes
 the dense probs and routing map, the top-k probs and indices, and adds its tokens to the
@@ -16,35 +9,6 @@ E, the group count G and the group size E / G are powers of two.
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def matmul_kernel(a, b, c, M, N, K, k_split, s_am, s_ak, s_bk, s_bn, s_cs, s_cm, s_cn,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FP32: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    k_start = pid_s * k_split
-    k_end = tl.minimum(k_start + k_split, K)
-    a_rows = a + rm[:, None].to(tl.int64) * s_am
-    b_cols = b + rn[None, :].to(tl.int64) * s_bn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BK):
-        rk = k0 + tl.arange(0, BK)
-        k_ok = rk < k_end
-        av = tl.load(a_rows + rk[None, :].to(tl.int64) * s_ak,
-                     mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
-        bv = tl.load(b_cols + rk[:, None].to(tl.int64) * s_bk,
-                     mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
-        if FP32:
-            acc = tl.dot(av.to(tl.float32), bv.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(av, bv, acc)
-    c_ptrs = c + pid_s.to(tl.int64) * s_cs + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn
-    tl.store(c_ptrs, acc.to(c.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit

@@ -1,9 +1,7 @@
-"""Launchers and autograd Functions around the Triton router kernels.
+"""Launcher and autograd Function around the Triton routing kernels.
 
-`router_logits_triton(x, weight)`: fp32 logits of bf16 (or fp32) x and weight, differentiable in
-both, without an fp32 copy of x in the forward or the backward.
 `sigmoid_topk_routing_triton(logits, topk, ...)`: the fused routing, differentiable through probs
-and topk_probs. Both have the contracts of reference.py.
+and topk_probs, with the contract of reference.py.
 """
 
 from __future__ import annotations
@@ -15,8 +13,6 @@ import torch
 import triton
 from torch import Tensor
 
-from kernels.triton_support import interpreting
-
 from . import triton_kernels as K
 from .reference import Routing
 
@@ -25,78 +21,11 @@ from .reference import Routing
 class KernelConfig:
     """Launch parameters. Benchmarks may replace `CONFIG`; results do not depend on it."""
 
-    mm_block: tuple = (128, 128, 64)  # BM, BN, BK of the logits GEMM (bf16 operands)
-    # fp32 operand tiles take twice the shared memory: smaller BK keeps 3 stages well within it
-    dgrad_block: tuple = (128, 128, 32)  # of dx = dlogits W
-    wgrad_block: tuple = (64, 128, 32)  # of dW = dlogits^T x (contracts over tokens)
-    wgrad_programs: int = 256  # split the token axis of dW until about this many programs
-    mm_warps: int = 8
-    mm_stages: int = 3
-    # fp32 operands (the logit gradient): three TF32 products per product, close to fp32.
-    precision: str = "tf32x3"
-    routing_block_t: int = 16  # tokens per routing program
+    routing_block_t: int = 8  # tokens per routing program (fastest on the H100 at Ring-mini shapes)
     routing_warps: int = 4
 
 
 CONFIG = KernelConfig()
-
-
-def launch_matmul(a: Tensor, b: Tensor, c: Tensor, block: tuple, splits: int = 1) -> None:
-    """c = a @ b (a [M, K], b [K, N], any strides). c is [M, N], or [splits, M, N] to receive one
-    partial product per split of K (sum them for the result)."""
-    M, Kdim = a.shape
-    N = b.shape[1]
-    bm, bn, bk = block
-    k_split = triton.cdiv(triton.cdiv(Kdim, splits), bk) * bk
-    splits = triton.cdiv(Kdim, k_split) if Kdim else 1
-    c3 = c if c.dim() == 3 else c.unsqueeze(0)
-    assert c3.shape[0] >= splits, (tuple(c3.shape), splits)
-    # The interpreter's bf16 dot is wrong (triton 3.9): it always upcasts, exactly.
-    fp32 = interpreting() or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16
-    # A gradient (fp32) against a bf16 operand: CONFIG.precision. Only fp32 operands (an fp32
-    # model): exact fp32 products, as megatron's fp32 GEMM.
-    exact = interpreting() or torch.bfloat16 not in (a.dtype, b.dtype)
-    precision = "ieee" if exact else CONFIG.precision
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), splits)
-    K.matmul_kernel[grid](a, b, c3, M, N, Kdim, k_split, *a.stride(), *b.stride(), *c3.stride(),
-                          BM=bm, BN=bn, BK=bk, FP32=fp32, PRECISION=precision,
-                          num_warps=CONFIG.mm_warps, num_stages=CONFIG.mm_stages)
-
-
-class RouterLogitsFunction(torch.autograd.Function):
-    """logits [T, E] fp32 = x [T, d] @ weight [E, d]^T."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
-        logits = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32, device=x.device)
-        launch_matmul(x, weight.t(), logits, CONFIG.mm_block)
-        ctx.save_for_backward(x, weight)
-        return logits
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            launch_matmul(grad, weight, dx, CONFIG.dgrad_block)
-        if ctx.needs_input_grad[1]:
-            bm, bn, bk = CONFIG.wgrad_block
-            tiles = triton.cdiv(weight.shape[0], bm) * triton.cdiv(weight.shape[1], bn)
-            splits = max(1, min(CONFIG.wgrad_programs // tiles, triton.cdiv(x.shape[0], 4 * bk)))
-            partial = torch.empty(splits, *weight.shape, dtype=torch.float32, device=x.device)
-            launch_matmul(grad.t(), x, partial, CONFIG.wgrad_block, splits)
-            dw = (partial[0] if splits == 1 else partial.sum(dim=0)).to(weight.dtype)
-        return dx, dw
-
-
-def router_logits_triton(x: Tensor, weight: Tensor) -> Tensor:
-    """x [..., d] (bf16 or fp32), weight [E, d] -> fp32 logits [..., E]."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    logits = RouterLogitsFunction.apply(x.reshape(-1, x.shape[-1]), weight)
-    return logits.view(*x.shape[:-1], weight.shape[0])
 
 
 def check_routing_shape(num_experts: int, topk: int, num_groups: Optional[int],
