@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -54,15 +54,19 @@ class _Entry:
     generation: int  # the cache's generation then
     shape: torch.Size
     dtype: torch.dtype
-    weight: Fp8Tensor  # [N, K]
-    transposed: Optional[Fp8Tensor]  # [K, N] dgrad operand, made on first need
+    value: object  # what was made from the weight
+
+    def valid_for(self, weight: Tensor, generation: int) -> bool:
+        return (self.ref() is weight and self.version == weight._version
+                and self.generation == generation and self.shape == weight.shape
+                and self.dtype == weight.dtype)
 
 
 class Fp8WeightCache:
     """Quantised weights (and their dgrad operands) reused while a weight is unchanged, e.g.
     across the micro-batches of one gradient-accumulation step.
 
-    An entry is keyed on (weight.data_ptr(), recipe) and valid while the weight is the same tensor
+    An entry is keyed on (weight.data_ptr(), tag) and valid while the weight is the same tensor
     object with the same shape, dtype and `_version`, and no `invalidate()` came since. In-place
     updates through the tensor itself (`optimizer.step()`, `with no_grad(): w.add_(...)`) bump
     `_version`. Writes that bypass it do NOT: `w.data.add_()`, `w.data.copy_()`, and writes into a
@@ -72,7 +76,7 @@ class Fp8WeightCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, str], _Entry] = {}
+        self._entries: dict[tuple[int, object], _Entry] = {}
         self.generation = 0
         self.hits = 0
         self.misses = 0
@@ -85,7 +89,7 @@ class Fp8WeightCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _ref(self, weight: Tensor, key: tuple[int, str]) -> weakref.ref:
+    def _ref(self, weight: Tensor, key: tuple) -> weakref.ref:
         """A weak reference to weight that drops its entry when the weight is freed."""
         entries = self._entries
 
@@ -96,23 +100,28 @@ class Fp8WeightCache:
 
         return weakref.ref(weight, drop)
 
+    def lookup(self, weight: Tensor, tag: object, make: Callable[[], object]) -> object:
+        """What make() builds from `weight` (any FP8 form; `tag`, hashable, names it), made on
+        the first call and returned again while the weight is unchanged."""
+        key = (weight.data_ptr(), tag)
+        e = self._entries.get(key)
+        if e is None or not e.valid_for(weight, self.generation):
+            self.misses += 1
+            value = make()
+            self._entries[key] = _Entry(self._ref(weight, key), weight._version, self.generation,
+                                        weight.shape, weight.dtype, value)
+            return value
+        self.hits += 1
+        return e.value
+
     def get(self, weight: Tensor, recipe: str, need_transposed: bool
             ) -> tuple[Fp8Tensor, Optional[Fp8Tensor]]:
         """(W [N, K], its dgrad operand [K, N] or None unless need_transposed) for `recipe`."""
-        key = (weight.data_ptr(), recipe)
-        e = self._entries.get(key)
-        if (e is None or e.ref() is not weight or e.version != weight._version
-                or e.generation != self.generation or e.shape != weight.shape
-                or e.dtype != weight.dtype):
-            self.misses += 1
-            w, wt = _quantize_weight(weight, RECIPES[recipe].weight, need_transposed)
-            self._entries[key] = _Entry(self._ref(weight, key), weight._version, self.generation,
-                                        weight.shape, weight.dtype, w, wt)
-            return w, wt
-        self.hits += 1
-        if need_transposed and e.transposed is None:
-            e.transposed = _transposed_operand(weight, e.weight)
-        return e.weight, e.transposed
+        pair = self.lookup(weight, recipe, lambda: list(
+            _quantize_weight(weight, RECIPES[recipe].weight, need_transposed)))
+        if need_transposed and pair[1] is None:  # made by a call that did not need it
+            pair[1] = _transposed_operand(weight, pair[0])
+        return pair[0], pair[1]
 
 
 # A process-wide cache for callers that share one (e.g. every linear layer of a model); the

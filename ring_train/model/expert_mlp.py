@@ -49,6 +49,7 @@ from torch import Tensor
 from kernels.fp8 import grouped as fp8g
 from kernels.fp8.grouped_reference import (GroupColumns, group_offsets, padded_group_offsets,
                                            swiglu_backward_reference, swiglu_reference)
+from kernels.fp8.linear import WEIGHT_CACHE
 from kernels.fp8.tensor import Fp8Tensor
 
 __all__ = ["expert_mlp", "FP8_RECIPES"]
@@ -162,8 +163,16 @@ def _wgrad(a: Tensor, b: Tensor, g: _Groups) -> Tensor:
 
 # -- the autograd Function ----------------------------------------------------------------------
 
+def _expert_weight(w: Tensor, transpose: bool = False) -> Fp8Tensor:
+    """w's FP8 operand (fp8g.quantize_expert_weight), quantised once per optimizer step: the
+    micro-batches of a step and the recomputed fc1 reuse it (linear.WEIGHT_CACHE, which the
+    trainer invalidates at every step)."""
+    return WEIGHT_CACHE.lookup(w, ("expert", transpose),
+                               lambda: fp8g.quantize_expert_weight(w.detach(), transpose))
+
+
 def _fc1_fp8(xr: Fp8Tensor, w1: Tensor, g: _Groups, dtype: torch.dtype) -> Tensor:
-    return fp8g.grouped_mm(xr, fp8g.quantize_expert_weight(w1), g.offs, dtype)
+    return fp8g.grouped_mm(xr, _expert_weight(w1), g.offs, dtype)
 
 
 class ExpertMLPFunction(torch.autograd.Function):
@@ -184,7 +193,7 @@ class ExpertMLPFunction(torch.autograd.Function):
             xc = fp8g.quantize_group_columns(x, g.offs, g.poffs)
             h = _fc1_fp8(xr, w1, g, x.dtype)
             ar = fp8g.quantize_swiglu_rows(h, probs)  # the rows form only: fc2's operand
-            y = fp8g.grouped_mm(ar, fp8g.quantize_expert_weight(w2), g.offs, x.dtype)
+            y = fp8g.grouped_mm(ar, _expert_weight(w2), g.offs, x.dtype)
             kept = (xc.data, xc.scale) + ((xr.data, xr.scale) if recompute else (h,))
         else:
             h = _linear(x, w1, g)
@@ -232,7 +241,7 @@ def _backward_fp8(ctx, dy, probs, w1, w2, g, kept):
     ac = fp8g.quantize_swiglu_columns(h, probs, g.offs, g.poffs)
     dw2 = fp8g.grouped_wgrad(dyc, ac, w2.dtype)  # [E, d, F]
     del dyc, ac
-    da = fp8g.grouped_mm(fp8g.quantize_rows(dy), fp8g.quantize_expert_weight(w2, transpose=True),
+    da = fp8g.grouped_mm(fp8g.quantize_rows(dy), _expert_weight(w2, transpose=True),
                          g.offs, dtype)
     dh, dprobs = _swiglu_backward(da, h, probs)
     del da, h
@@ -241,7 +250,7 @@ def _backward_fp8(ctx, dy, probs, w1, w2, g, kept):
     dx = None
     if ctx.needs_input_grad[0]:
         dx = fp8g.grouped_mm(fp8g.quantize_rows(dh),
-                             fp8g.quantize_expert_weight(w1, transpose=True), g.offs, dtype)
+                             _expert_weight(w1, transpose=True), g.offs, dtype)
     return dx, dprobs, dw1, dw2
 
 

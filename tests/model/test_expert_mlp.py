@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from kernels.fp8 import grouped as fp8g
 from kernels.fp8 import grouped_reference as R
+from kernels.fp8.linear import WEIGHT_CACHE
 from ring_train.model import expert_mlp as M
 from ring_train.model.expert_mlp import expert_mlp
 
@@ -217,6 +218,27 @@ def test_fp8_passes_emit_one_form_of_the_activation_each(monkeypatch, recompute)
     calls.clear()
     y.backward(dy)
     assert calls == ["quantize_swiglu_columns"]  # backward: fc2's weight-gradient operand only
+
+
+def test_fp8_expert_weights_are_quantised_once_per_optimizer_step(monkeypatch):
+    calls = []
+    real = fp8g.quantize_expert_weight
+    monkeypatch.setattr(fp8g, "quantize_expert_weight",
+                        lambda w, transpose=False: calls.append(transpose) or real(w, transpose))
+    WEIGHT_CACHE.invalidate()
+    leaves, dy = make_leaves(seed=7)
+    mlp = ours("rowwise", recompute=True)
+    for _ in range(2):  # two micro-batches of one step, fc1 recomputed in each backward
+        mlp(*leaves).backward(dy)
+    # w1, w2 (forward) and their transposes (backward), once each
+    assert sorted(calls) == [False, False, True, True]
+    with torch.no_grad():  # an optimizer step: in place, through the tensor (bumps _version)
+        leaves[2].mul_(0.5)
+    y = mlp(*leaves)
+    y.backward(dy)
+    assert sorted(calls) == [False, False, False, True, True, True]  # only w1 is re-quantised
+    WEIGHT_CACHE.invalidate()
+    assert torch.equal(y, mlp(*leaves))  # the cached forms were the new w1's
 
 
 # -- GPU: Ring-mini shapes ---------------------------------------------------------------------
