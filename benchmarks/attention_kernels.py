@@ -12,8 +12,9 @@ Entries, each forward (no autograd) and backward (autograd.grad of the outputs, 
                    fused path also hands the attention contiguous q, k, v.
 Before any timing, outputs and gradients of both paths are measured against fp32 autograd
 through the reference on the same inputs; the fused error must not exceed the unfused one by
-more than ACCURACY_FACTOR (else the run stops after writing the accuracy). Times are medians of
-triton.testing.do_bench (ms); each kernel's floor is the bytes it must move over the copy
+more than ACCURACY_FACTOR (else the run stops after writing the accuracy). Times: as called
+(medians of triton.testing.do_bench, ms) and GPU time (the kernels' summed durations,
+benchmarks.common.gpu_ms); each kernel's floor is the bytes it must move over the copy
 bandwidth measured in the same run. Writes JSON via benchmarks.common.write_result.
 """
 
@@ -25,7 +26,7 @@ import sys
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from benchmarks.common import copy_bandwidth, launch_config, median_ms, write_result
+from benchmarks.common import copy_bandwidth, gpu_ms, launch_config, median_ms, write_result
 from kernels.gated_norm import triton_ops as gated_ops
 from kernels.gated_norm.reference import gated_group_rms_norm_reference
 from kernels.gated_norm.triton_ops import gated_group_rms_norm_triton
@@ -42,8 +43,8 @@ SWEEP = {  # launch configurations tried by --sweep (fields of each module's Ker
     "split_norm_rope": [{}, {"fwd_block_t": 8}, {"fwd_block_t": 32, "fwd_warps": 8},
                         {"bwd_block_t": 8}, {"bwd_block_t": 32, "bwd_warps": 8},
                         {"bwd_programs": 512}],
-    "gated_norm": [{}, {"fwd_elements": 2048, "fwd_warps": 4}, {"fwd_elements": 8192},
-                   {"bwd_elements": 4096}, {"bwd_elements": 1024, "bwd_warps": 4},
+    "gated_norm": [{}, {"fwd_elements": 2048, "fwd_warps": 4}, {"fwd_elements": 4096,
+                   "fwd_warps": 8}, {"bwd_elements": 512}, {"bwd_elements": 2048, "bwd_warps": 8},
                    {"bwd_programs": 1024}],
 }
 
@@ -152,12 +153,16 @@ def accuracy(case: Case, data: dict) -> dict:
 
 
 def time_entry(fn, name, leaves, kwargs, grads) -> dict:
-    with torch.no_grad():
-        fwd = median_ms(lambda: call(fn, name, leaves, kwargs))
+    """Forward and backward times, as called (median_ms) and on the GPU (gpu_ms)."""
+    def forward():
+        with torch.no_grad():
+            return call(fn, name, leaves, kwargs)
+
     xs = [x.detach().requires_grad_(True) for x in leaves]  # keeps their layout
     outs = call(fn, name, xs, kwargs)
-    bwd = median_ms(lambda: torch.autograd.grad(outs, xs, grads, retain_graph=True))
-    return {"fwd_ms": fwd, "bwd_ms": bwd}
+    backward = lambda: torch.autograd.grad(outs, xs, grads, retain_graph=True)  # noqa: E731
+    return {"fwd_ms": median_ms(forward), "bwd_ms": median_ms(backward),
+            "fwd_gpu_ms": gpu_ms(forward), "bwd_gpu_ms": gpu_ms(backward)}
 
 
 def time_layer_core(case: Case, data: dict) -> dict:
@@ -174,8 +179,10 @@ def time_layer_core(case: Case, data: dict) -> dict:
         with torch.no_grad():
             row[f"{path}_fwd_ms"] = median_ms(run)
         row[f"{path}_fwd_bwd_ms"] = median_ms(lambda: torch.autograd.grad(run(), xs, d_out))
+        row[f"{path}_fwd_bwd_gpu_ms"] = gpu_ms(lambda: torch.autograd.grad(run(), xs, d_out))
     row["fwd_speedup"] = row["unfused_fwd_ms"] / row["fused_fwd_ms"]
     row["fwd_bwd_speedup"] = row["unfused_fwd_bwd_ms"] / row["fused_fwd_bwd_ms"]
+    row["fwd_bwd_gpu_speedup"] = row["unfused_fwd_bwd_gpu_ms"] / row["fused_fwd_bwd_gpu_ms"]
     return row
 
 
@@ -196,6 +203,7 @@ def bench_case(case: Case, bandwidth: float) -> dict:
                                                                 grads).items()})
         for p in ("fwd", "bwd"):
             entry[f"{p}_speedup"] = entry[f"unfused_{p}_ms"] / entry[f"fused_{p}_ms"]
+            entry[f"{p}_gpu_speedup"] = entry[f"unfused_{p}_gpu_ms"] / entry[f"fused_{p}_gpu_ms"]
             entry[f"{p}_floor_ms"] = floors[name][p] / bandwidth * 1e3
         row[name] = entry
     row["layer_core"] = time_layer_core(case, data)
@@ -253,10 +261,13 @@ def main():
                       f" -> {e['fused_fwd_ms']:.3f} ms ({e['fwd_speedup']:.2f}x, floor "
                       f"{e['fwd_floor_ms']:.3f}); bwd {e['unfused_bwd_ms']:.3f} -> "
                       f"{e['fused_bwd_ms']:.3f} ms ({e['bwd_speedup']:.2f}x, floor "
-                      f"{e['bwd_floor_ms']:.3f})")
+                      f"{e['bwd_floor_ms']:.3f}) | GPU time: fwd {e['fwd_gpu_speedup']:.2f}x "
+                      f"({e['fused_fwd_gpu_ms']:.3f} ms), bwd {e['bwd_gpu_speedup']:.2f}x "
+                      f"({e['fused_bwd_gpu_ms']:.3f} ms)")
         if "layer_core" in row:
             e = row["layer_core"]
-            print(f"  layer core: fwd {e['fwd_speedup']:.2f}x, fwd+bwd {e['fwd_bwd_speedup']:.2f}x")
+            print(f"  layer core: fwd {e['fwd_speedup']:.2f}x, fwd+bwd {e['fwd_bwd_speedup']:.2f}x"
+                  f" (GPU time {e['fwd_bwd_gpu_speedup']:.2f}x)")
     if not all(v["ok"] for row in rows for v in row["accuracy_vs_fp32"].values()):
         sys.exit("accuracy check failed: no timings for the failing shapes (see the JSON)")
 

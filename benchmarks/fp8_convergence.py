@@ -3,10 +3,11 @@ same initial weights and data, plus checkpoints crossed between the two precisio
 
     python -m benchmarks.fp8_convergence [--fp8 fp8_blockwise] [--bf16 fused]
 
-Runs (one GPU each, through launch/pretrain.py):
+Runs (one GPU, through launch/pretrain.py), two at a time on the same GPU:
   bf16, fp8          the whole stage in each compute setting (recipes/compute/*.yaml);
   fp8_to_bf16        the fp8 run's step-150 checkpoint resumed in bf16 to the end;
   bf16_to_fp8        the bf16 run's step-150 checkpoint resumed in FP8 to the end.
+The recorded tokens/s are therefore those of a shared GPU: throughput is train_step_throughput's.
 Passes when the final loss (mean of the last FINAL_WINDOW steps) of fp8 is within FINAL_RTOL of
 bf16's, no run has a non-finite or diverging loss, and each crossed run's final loss is within
 FINAL_RTOL of the run it continues. Writes benchmarks/results/fp8_convergence_*.json with the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import write_result
@@ -44,12 +46,12 @@ def diverged(curve: dict) -> bool:
     return False
 
 
-def run(name: str, work: Path, overrides: list) -> dict:
+def run(name: str, work: Path, overrides: list, port: int) -> dict:
     records = launch(1, work / name, ["recipe=small", f"data.cache_dir={work / 'cache'}",
-                                      *overrides], work / f"{name}.log")
+                                      *overrides], work / f"{name}.log", port)
     curve = {r["stage_step"]: r["loss"] for r in step_records(records)}
     return {
-        "overrides": overrides,
+        "overrides": [o.replace(f"{ROOT}/", "") for o in overrides],  # paths repo-relative
         "losses": curve,
         "final_loss": final_loss(curve),
         "diverged": diverged(curve),
@@ -82,16 +84,21 @@ def main() -> None:
         "bf16_to_fp8": [*common, f"compute={args.fp8}", f"checkpoint.load={checkpoint(work, 'bf16')}"],
     }
     runs, path = {}, None
-    for name, overrides in plan.items():
-        runs[name] = run(name, work, overrides)
-        # Rewritten after every run, so a job stopped part-way keeps what it measured.
-        if path is not None:
-            path.unlink()
-        path = write_result("fp8_convergence", {
-            "final_rtol": FINAL_RTOL, "final_window": FINAL_WINDOW, "resume_step": RESUME_STEP,
-            "runs": runs, **verdict(runs),
-        })
-        print(name, {k: v for k, v in runs[name].items() if k != "losses"}, flush=True)
+    # The crossed runs need the first two's checkpoints; each pair shares the GPU.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for phase in (("bf16", "fp8"), ("fp8_to_bf16", "bf16_to_fp8")):
+            futures = {name: pool.submit(run, name, work, plan[name], 29511 + i)
+                       for i, name in enumerate(phase)}
+            for name, future in futures.items():
+                runs[name] = future.result()
+                print(name, {k: v for k, v in runs[name].items() if k != "losses"}, flush=True)
+            # Rewritten after every phase, so a job stopped part-way keeps what it measured.
+            if path is not None:
+                path.unlink()
+            path = write_result("fp8_convergence", {
+                "final_rtol": FINAL_RTOL, "final_window": FINAL_WINDOW,
+                "resume_step": RESUME_STEP, "shared_gpu": True, "runs": runs, **verdict(runs),
+            })
     print(verdict(runs))
     print(path)
 

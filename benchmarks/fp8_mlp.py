@@ -35,7 +35,6 @@ from kernels.fp8.reference import fp8_gemm_reference
 from kernels.fp8.quantize import (quantize_columns, quantize_rows, quantize_rows_and_columns,
                                   quantize_weight)
 
-PEER_TORCHAO_MS = 11.22  # torchao compiled MLP measured earlier on the same H100 (CONTEXT.md)
 DEVICE = "cuda"  # a CPU smoke run (TRITON_INTERPRET=1, tiny shapes) may replace it and the timer
 
 
@@ -243,7 +242,6 @@ def main() -> None:
     payload = {
         "shape": {"tokens": T, "dim": D, "hidden": H},
         "torchao_version": version("torchao"),
-        "peer_torchao_compiled_ms_measured_earlier": PEER_TORCHAO_MS,
         "mlp_fwd_bwd": mlp, "gemms_ms": gemms, "quantisers": quant,
         "blockwise_unaligned_m_probe": probe,
     }

@@ -34,9 +34,10 @@ def initial_weights(directory: Path, overrides: list, log: Path) -> Path:
     return directory
 
 
-def launch(nproc: int, output_dir: Path, overrides: list, log: Path) -> list:
-    """`launch/pretrain.py` with `overrides`; returns the metrics.jsonl records of the run."""
-    torchrun(nproc, ["launch/pretrain.py", f"output_dir={output_dir}", *overrides], log)
+def launch(nproc: int, output_dir: Path, overrides: list, log: Path, port: int = 29511) -> list:
+    """`launch/pretrain.py` with `overrides`; returns the metrics.jsonl records of the run.
+    Runs at the same time need different ports."""
+    torchrun(nproc, ["launch/pretrain.py", f"output_dir={output_dir}", *overrides], log, port)
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
