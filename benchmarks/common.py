@@ -70,8 +70,7 @@ def gpu_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
     return total_us / runs / 1e3
 
 
-def fused_vs_unfused(fused: Callable[[], object], unfused: Callable[[], object],
-                     prefix: str = "") -> dict:
+def fused_vs_unfused(fused: Callable[[], object], unfused: Callable[[], object]) -> dict:
     """Both timings of a fused kernel and the unfused sequence it replaces: as called
     (median_ms: what an eager loop that waits on the GPU sees) and on the GPU (gpu_ms: the work
     the kernels do), with the speedup of each."""
@@ -79,7 +78,7 @@ def fused_vs_unfused(fused: Callable[[], object], unfused: Callable[[], object],
          "fused_gpu_ms": gpu_ms(fused), "unfused_gpu_ms": gpu_ms(unfused)}
     t["speedup"] = t["unfused_ms"] / t["fused_ms"]
     t["gpu_speedup"] = t["unfused_gpu_ms"] / t["fused_gpu_ms"]
-    return {prefix + k: v for k, v in t.items()}
+    return t
 
 
 def write_result(name: str, payload: dict, out_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:

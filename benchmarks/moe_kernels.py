@@ -21,7 +21,8 @@ Before timing, each fused output is measured against its unfused counterpart (or
 the run exits non-zero after writing the JSON if one misses its bound. Each entry has two times
 (benchmarks.common.fused_vs_unfused): as called (median of triton.testing.do_bench, ms, L2
 flushed: Python and launch overheads included) and GPU time (the kernels' summed durations).
-Target: fused >= 2x unfused in GPU time. Writes JSON via benchmarks.common.write_result("moe_kernels").
+Target: fused >= 2x unfused in GPU time. Writes JSON via
+benchmarks.common.write_result("moe_kernels").
 """
 
 import argparse

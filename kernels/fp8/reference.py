@@ -3,7 +3,8 @@ FP8 kernel and the CPU path.
 
 Every quantiser follows the operand format of `tensor.py`: per group, scale = max(amax, AMAX_FLOOR)
 / 448 (fp32, a decoding scale) and data = (x_fp32 * (1 / scale)).clamp(-448, 448) cast to e4m3
-(round to nearest even; the reciprocal is taken once per group, as the kernels do). Groups of a partial block cover only the valid elements.
+(round to nearest even; the kernels take the reciprocal once per group). Groups of a partial
+block cover only the valid elements.
 
 "Rows" quantisation of x [M, K] gives data [M, K]; "columns" quantisation gives the operand of x^T
 (data [K, M], groups along M), i.e. the rows quantisation of x^T.

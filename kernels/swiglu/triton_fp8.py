@@ -15,7 +15,8 @@ hardware conversions run.
 import triton
 import triton.language as tl
 
-from kernels.fp8.triton_cast import bf16_rne, fp8_cast, fp8_inverse, fp8_scale  # noqa: F401 (re-export)
+from kernels.fp8.triton_cast import (  # noqa: F401 (re-export)
+    bf16_rne, fp8_cast, fp8_inverse, fp8_scale)
 
 
 @triton.jit
