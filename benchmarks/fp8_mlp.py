@@ -4,12 +4,13 @@
 
 The MLP of torchao's float8 benchmark: two bias-free linears dim -> hidden -> dim, no activation,
 on `tokens` tokens in bf16, timed forward + backward (a fixed random output gradient; x, W1, W2
-all get gradients; .grad reset before each run, outside the timing) with triton.testing.do_bench
-(median ms). Rows:
+all get gradients; .grad reset after each run) with triton.testing.do_bench (median ms), in
+`rounds` interleaved rounds (each times every row once; a row's time is its median round). Rows:
   bf16                    eager nn.functional.linear
   ours/<recipe>           fp8_linear with a weight cache (weights unchanged between runs, as in
                           the micro-batches of one gradient-accumulation step: every run hits)
   ours/<recipe>/no-cache  fp8_linear quantising the weights on every call
+                          (tensorwise_delayed: each layer keeps its DelayedScaling across runs)
   torchao/tensorwise      torchao.float8.convert_to_float8_training, then torch.compile
 Before timing, each row's output and gradients are compared with an fp32 MLP on the same
 (bf16-valued) inputs. Also times each FP8 GEMM recipe alone at the MLP's three GEMM shapes and
@@ -22,15 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import median_ms, version, write_result
 from kernels.fp8 import gemm as fp8_gemm_module
+from kernels.fp8.amax_history import AmaxHistory
 from kernels.fp8 import quantize as quantize_module
 from kernels.fp8.gemm import fp8_gemm
-from kernels.fp8.linear import RECIPES, Fp8WeightCache, fp8_linear
+from kernels.fp8.linear import RECIPES, DelayedScaling, Fp8WeightCache, fp8_linear
 from kernels.fp8.reference import fp8_gemm_reference
 from kernels.fp8.quantize import (quantize_columns, quantize_rows, quantize_rows_and_columns,
                                   quantize_weight)
@@ -69,7 +72,9 @@ def mlp_fn(kind: str):
         return lambda x, w1, w2: F.linear(F.linear(x, w1), w2)
     recipe = kind.split("/")[1]
     cache = None if kind.endswith("no-cache") else Fp8WeightCache()
-    return lambda x, w1, w2: fp8_linear(fp8_linear(x, w1, recipe, cache), w2, recipe, cache)
+    d1, d2 = DelayedScaling.for_recipe(recipe), DelayedScaling.for_recipe(recipe)  # per layer
+    return lambda x, w1, w2: fp8_linear(fp8_linear(x, w1, recipe, cache, d1), w2, recipe, cache,
+                                        d2)
 
 
 def torchao_module(w1, w2):
@@ -89,38 +94,38 @@ def torchao_module(w1, w2):
     return torch.compile(mlp), getattr(torchao, "__version__", version("torchao"))
 
 
-def time_fwd_bwd(forward, leaves, dy) -> float:
+def fwd_bwd_step(forward, leaves, dy):
+    """One timed run: forward + backward, then fresh gradients (no accumulation kernels timed)."""
     def step():
         forward().backward(dy)
-        for t in leaves:  # fresh gradients every run: no accumulation kernels timed
+        for t in leaves:
             t.grad = None
 
-    for _ in range(3):  # compile / autotune / cache fill outside the timing
-        step()
-    return timer(step)
+    return step
 
 
-def bench_mlp(tokens, dim, hidden, with_torchao: bool) -> dict:
+def accuracy(out, grads, ref) -> dict:
+    return {n: rel_err(a, b) for n, a, b in zip(("out", "dx", "dw1", "dw2"), [out] + grads, ref)}
+
+
+def bench_mlp(tokens, dim, hidden, with_torchao: bool, rounds: int) -> dict:
+    """Every row's accuracy, then its time: the median over `rounds` rounds, each of which times
+    every row once in turn (so clock and thermal drift during the run reach all rows alike)."""
     x, w1, w2, dy = make_inputs(tokens, dim, hidden)
     ref = reference(x, w1, w2, dy)
     flops = 3 * 2 * 2 * tokens * dim * hidden  # 2 linears x (fwd, dgrad, wgrad)
-    rows, notes = {}, {}
+    steps, rows, notes = {}, {}, {}
     kinds = ["bf16"] + [f"ours/{r}" for r in RECIPES] + [f"ours/{r}/no-cache" for r in RECIPES]
     for kind in kinds:
         fn = mlp_fn(kind)
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
         out = fn(*leaves)
         out.backward(dy)
-        acc = {n: rel_err(a, b) for n, a, b in
-               zip(("out", "dx", "dw1", "dw2"), [out] + [t.grad for t in leaves], ref)}
+        rows[kind] = {"accuracy_rel_err": accuracy(out, [t.grad for t in leaves], ref)}
         for t in leaves:
             t.grad = None
-        ms = time_fwd_bwd(lambda: fn(*leaves), leaves, dy)
-        rows[kind] = {"ms": ms, "accuracy_rel_err": acc}
-        print(f"{kind:28s} {ms:8.3f} ms  {json.dumps({k: round(v, 4) for k, v in acc.items()})}",
-              flush=True)
-        del out, leaves
-        torch.cuda.empty_cache()
+        del out
+        steps[kind] = fwd_bwd_step(lambda fn=fn, leaves=leaves: fn(*leaves), leaves, dy)
     if with_torchao:
         mlp, info = torchao_module(w1, w2)
         if mlp is None:
@@ -131,20 +136,30 @@ def bench_mlp(tokens, dim, hidden, with_torchao: bool) -> dict:
             out = mlp(xt)
             out.backward(dy)
             grads = [xt.grad, mlp._orig_mod[0].weight.grad, mlp._orig_mod[1].weight.grad]
-            acc = {n: rel_err(a, b) for n, a, b in
-                   zip(("out", "dx", "dw1", "dw2"), [out] + grads, ref)}
+            rows["torchao/tensorwise"] = {"accuracy_rel_err": accuracy(out, grads, ref),
+                                          "torchao": info}
             params = [xt] + list(mlp.parameters())
             for t in params:
                 t.grad = None
-            ms = time_fwd_bwd(lambda: mlp(xt), params, dy)
-            rows["torchao/tensorwise"] = {"ms": ms, "accuracy_rel_err": acc, "torchao": info}
-            print(f"{'torchao/tensorwise':28s} {ms:8.3f} ms  "
-                  f"{json.dumps({k: round(v, 4) for k, v in acc.items()})}", flush=True)
+            del out, grads
+            steps["torchao/tensorwise"] = fwd_bwd_step(lambda: mlp(xt), params, dy)
+    for step in steps.values():  # compile / autotune / cache fill / history fill, untimed
+        for _ in range(3):
+            step()
+    torch.cuda.empty_cache()
+    for _ in range(rounds):
+        for kind, step in steps.items():
+            rows[kind].setdefault("round_ms", []).append(timer(step))
+    for kind, r in rows.items():
+        r["ms"] = statistics.median(r["round_ms"])
+        print(f"{kind:28s} {r['ms']:8.3f} ms  rounds {[round(v, 2) for v in r['round_ms']]}  "
+              f"{json.dumps({k: round(v, 4) for k, v in r['accuracy_rel_err'].items()})}",
+              flush=True)
     base = rows["bf16"]["ms"]
     for r in rows.values():
         r["speedup_vs_bf16"] = base / r["ms"]
         r["tflops"] = flops / (r["ms"] * 1e-3) / 1e12
-    return {"rows": rows, "notes": notes, "flops": flops}
+    return {"rows": rows, "notes": notes, "flops": flops, "rounds": rounds}
 
 
 def bench_gemms(tokens, dim, hidden) -> list[dict]:
@@ -181,7 +196,7 @@ def bench_gemms(tokens, dim, hidden) -> list[dict]:
 def bench_quantisers(tokens, dim, hidden) -> list[dict]:
     """Our quantisers on the MLP's activations: (bf16 bytes read once + FP8 bytes written) over
     time, at each warp count of the tile kernels (quantize.TILE_WARPS; results do not depend
-    on it)."""
+    on it). tensor_delayed: tensor scaling from an amax history (one read instead of two)."""
     out = []
     default = quantize_module.TILE_WARPS
     try:
@@ -189,11 +204,12 @@ def bench_quantisers(tokens, dim, hidden) -> list[dict]:
             x = torch.randn(M, K, device=DEVICE).bfloat16()
             for warps in (4, 8):
                 quantize_module.TILE_WARPS = warps
-                for scaling in ("tensor", "row", "block1x128"):
+                for scaling in ("tensor", "tensor_delayed", "row", "block1x128"):
+                    history = AmaxHistory() if scaling == "tensor_delayed" else None
                     for form, fn, written in (("rows", quantize_rows, 1),
                                               ("columns", quantize_columns, 1),
                                               ("rows_and_columns", quantize_rows_and_columns, 2)):
-                        ms = timer(lambda: fn(x, scaling))
+                        ms = timer(lambda: fn(x, scaling.split("_")[0], history))
                         moved = M * K * (2 + written)
                         out.append({"tensor": name, "M": M, "K": K, "scaling": scaling,
                                     "form": form, "tile_warps": warps, "ms": ms,
@@ -230,11 +246,12 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=16384)
     p.add_argument("--no-torchao", action="store_true")
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     T, D, H = args.tokens, args.dim, args.hidden
     print(f"{torch.cuda.get_device_name()}: MLP {D} -> {H} -> {D}, {T} tokens; fp8_gemm "
           f"recipes {fp8_gemm_module.GEMMS}", flush=True)
-    mlp = bench_mlp(T, D, H, not args.no_torchao)
+    mlp = bench_mlp(T, D, H, not args.no_torchao, args.rounds)
     gemms = bench_gemms(T, D, H)
     quant = bench_quantisers(T, D, H)
     probe = probe_blockwise_unaligned_m()

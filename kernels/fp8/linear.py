@@ -1,10 +1,14 @@
 """FP8 linear layer y = x @ W^T with FP8 GEMMs forward and backward, and the weight cache.
 
 Recipes (scalings of activations / weights / output gradients; GEMMs in gemm.py):
-  tensorwise  tensor / tensor / tensor      all three GEMMs torch._scaled_mm tensorwise
-  rowwise     row / row / row               all three GEMMs torch._scaled_mm rowwise
-  blockwise   block1x128 / block128x128 /   fwd and dgrad 1x128 x 128x128, wgrad 1x128 x 1x128
-              block1x128                    (F.scaled_mm)
+  tensorwise          tensor / tensor / tensor      all three GEMMs torch._scaled_mm tensorwise
+  tensorwise_delayed  as tensorwise, with delayed scaling of activations and gradients
+  rowwise             row / row / row               all three GEMMs torch._scaled_mm rowwise
+  blockwise           block1x128 / block128x128 /   fwd and dgrad 1x128 x 128x128, wgrad
+                      block1x128                    1x128 x 1x128 (F.scaled_mm)
+Delayed scaling (amax_history.py) takes the scale of x and of dy from the amaxes of the layer's
+previous AMAX_HISTORY inputs / output gradients and quantises each in one read instead of two; the
+caller keeps one `DelayedScaling` per linear layer. Weights are always current-scaled (and cached).
 The three GEMMs:
   forward  y [M, N]  = fp8_gemm(x rows [M, K],      W [N, K])
   dgrad    dx [M, K] = fp8_gemm(dy rows [M, N],     W^T [K, N])   W^T: exact transpose
@@ -24,12 +28,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .amax_history import AmaxHistory
 from .gemm import fp8_gemm
 from .quantize import (quantize_columns, quantize_rows, quantize_rows_and_columns,
                        quantize_weight, quantize_weight_and_transpose, transpose_fp8)
 from .tensor import Fp8Tensor
 
-__all__ = ["fp8_linear", "Fp8WeightCache", "WEIGHT_CACHE", "RECIPES", "Recipe"]
+__all__ = ["fp8_linear", "Fp8WeightCache", "WEIGHT_CACHE", "RECIPES", "Recipe", "DelayedScaling"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,33 @@ class Recipe:
     weight: str  # scaling of W (and of its dgrad operand)
     grad: str  # scaling of dy (rows and columns forms)
     fast_accum_forward: bool
+    amax_history: int = 0  # > 0: delayed scaling of x and dy over that many previous tensors
 
+
+# Torchao's delayed-scaling default; the amax of a layer's input changes slowly over 16 steps.
+AMAX_HISTORY = 16
 
 RECIPES = {
     "tensorwise": Recipe("tensor", "tensor", "tensor", True),
+    "tensorwise_delayed": Recipe("tensor", "tensor", "tensor", True, AMAX_HISTORY),
     "rowwise": Recipe("row", "row", "row", True),
     "blockwise": Recipe("block1x128", "block128x128", "block1x128", False),
 }
+
+
+class DelayedScaling:
+    """The amax histories of one linear layer under a delayed-scaling recipe: its input x and its
+    output gradient dy (amax_history.py)."""
+
+    def __init__(self, length: int = AMAX_HISTORY) -> None:
+        self.input = AmaxHistory(length)
+        self.grad = AmaxHistory(length)
+
+    @classmethod
+    def for_recipe(cls, recipe: str) -> Optional["DelayedScaling"]:
+        """A fresh DelayedScaling if `recipe` scales with delay, else None."""
+        n = RECIPES[recipe].amax_history
+        return cls(n) if n else None
 
 
 @dataclass
@@ -116,9 +141,11 @@ class Fp8WeightCache:
 
     def get(self, weight: Tensor, recipe: str, need_transposed: bool
             ) -> tuple[Fp8Tensor, Optional[Fp8Tensor]]:
-        """(W [N, K], its dgrad operand [K, N] or None unless need_transposed) for `recipe`."""
-        pair = self.lookup(weight, recipe, lambda: list(
-            _quantize_weight(weight, RECIPES[recipe].weight, need_transposed)))
+        """(W [N, K], its dgrad operand [K, N] or None unless need_transposed) for `recipe`
+        (recipes with the same weight scaling share the entry)."""
+        scaling = RECIPES[recipe].weight
+        pair = self.lookup(weight, scaling, lambda: list(
+            _quantize_weight(weight, scaling, need_transposed)))
         if need_transposed and pair[1] is None:  # made by a call that did not need it
             pair[1] = _transposed_operand(weight, pair[0])
         return pair[0], pair[1]
@@ -145,16 +172,17 @@ def _transposed_operand(weight: Tensor, w: Fp8Tensor) -> Fp8Tensor:
 
 
 def _forward(x: Tensor, weight: Tensor, recipe: str, cache: Optional[Fp8WeightCache],
-             need_dx: bool, need_dw: bool
+             delayed: Optional[DelayedScaling], need_dx: bool, need_dw: bool
              ) -> tuple[Tensor, Optional[Fp8Tensor], Optional[Fp8Tensor]]:
     """y [..., N] and what backward needs: x's columns form if need_dw, the dgrad operand of
     W^T if need_dx (else None)."""
     r = RECIPES[recipe]
     x2 = x.detach().reshape(-1, x.shape[-1])
+    history = delayed.input if delayed is not None else None
     if need_dw:
-        x_rows, x_cols = quantize_rows_and_columns(x2, r.activation)
+        x_rows, x_cols = quantize_rows_and_columns(x2, r.activation, history)
     else:
-        x_rows, x_cols = quantize_rows(x2, r.activation), None
+        x_rows, x_cols = quantize_rows(x2, r.activation, history), None
     if cache is not None:
         w, wt = cache.get(weight, recipe, need_dx)
     else:
@@ -165,11 +193,12 @@ def _forward(x: Tensor, weight: Tensor, recipe: str, cache: Optional[Fp8WeightCa
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, recipe: str,
-                cache: Optional[Fp8WeightCache]) -> Tensor:
-        y, x_cols, wt = _forward(x, weight, recipe, cache, *ctx.needs_input_grad[:2])
+    def forward(ctx, x: Tensor, weight: Tensor, recipe: str, cache: Optional[Fp8WeightCache],
+                delayed: Optional[DelayedScaling]) -> Tensor:
+        y, x_cols, wt = _forward(x, weight, recipe, cache, delayed, *ctx.needs_input_grad[:2])
         ctx.recipe, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = (RECIPES[recipe], x.shape, x.dtype,
                                                              weight.dtype)
+        ctx.grad_history = delayed.grad if delayed is not None else None
         saved = []
         for t in (x_cols, wt):
             saved += [t.data, t.scale] if t is not None else [None, None]
@@ -183,11 +212,12 @@ class _Fp8Linear(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
+        history = ctx.grad_history
         if need_dx and need_dw:
-            dy_rows, dy_cols = quantize_rows_and_columns(dy2, r.grad)
+            dy_rows, dy_cols = quantize_rows_and_columns(dy2, r.grad, history)
         else:
-            dy_rows = quantize_rows(dy2, r.grad) if need_dx else None
-            dy_cols = quantize_columns(dy2, r.grad) if need_dw else None
+            dy_rows = quantize_rows(dy2, r.grad, history) if need_dx else None
+            dy_cols = quantize_columns(dy2, r.grad, history) if need_dw else None
         if need_dx:
             wt = Fp8Tensor(wt_data, wt_scale, r.weight)
             dx = fp8_gemm(dy_rows, wt, out_dtype=ctx.x_dtype).view(ctx.x_shape)
@@ -195,23 +225,30 @@ class _Fp8Linear(torch.autograd.Function):
             # Rounded once from the fp32 accumulator, as an fp32 output cast would be.
             dw = fp8_gemm(dy_cols, Fp8Tensor(xc_data, xc_scale, r.activation),
                           out_dtype=ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 def fp8_linear(x: Tensor, weight: Tensor, recipe: str = "blockwise",
-               cache: Optional[Fp8WeightCache] = None) -> Tensor:
+               cache: Optional[Fp8WeightCache] = None,
+               delayed: Optional[DelayedScaling] = None) -> Tensor:
     """y = x @ weight^T with FP8 GEMMs in forward and backward (no bias).
 
     x: [..., K] (bf16, fp16 or fp32); weight: [N, K]; returns [..., N] in x's dtype; the weight
     gradient comes in weight's dtype. recipe: one of RECIPES. cache: an Fp8WeightCache to reuse
     the quantised weight while it is unchanged (read its docstring for when to invalidate);
-    None quantises the weight on every call.
+    None quantises the weight on every call. delayed: this layer's DelayedScaling, required by
+    (and only by) the delayed-scaling recipes; keep one per layer across steps.
     """
     if recipe not in RECIPES:
         raise ValueError(f"fp8_linear recipe must be one of {tuple(RECIPES)}, got {recipe!r}")
+    if bool(RECIPES[recipe].amax_history) != (delayed is not None):
+        raise ValueError(
+            f"fp8_linear recipe {recipe!r} " + ("keeps amax histories per layer: pass "
+            "delayed=DelayedScaling.for_recipe(recipe), made once per linear layer and reused "
+            "every step" if delayed is None else "does not scale with delay: pass delayed=None"))
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear needs x [..., K] and weight [N, K]; got x "
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return _forward(x, weight, recipe, cache, False, False)[0]  # quantise only for forward
-    return _Fp8Linear.apply(x, weight, recipe, cache)
+        return _forward(x, weight, recipe, cache, delayed, False, False)[0]  # forward only
+    return _Fp8Linear.apply(x, weight, recipe, cache, delayed)

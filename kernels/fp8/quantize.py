@@ -15,11 +15,12 @@ Kernels:
       precomputed amaxes (row, tensor), and writes the rows form, the transposed columns form, or
       both. block1x128 columns and block128x128 need 128 x 128 tiles.
   `_amax_tensor_kernel` (tensor) persistent flat grid-stride max, one fp32 atomic_max per
-      program;
+      program; skipped under delayed scaling (an AmaxHistory), where the cast records the amax;
   `_amax_lines_kernel` (row, columns form) per-row / per-column atomic_max over tiles;
   `_rowwise_rows_kernel` (row, rows form) one program per row tile: an amax sweep over K, then
       the cast sweep (the second read mostly hits L2).
-So block1x128 costs one launch, tensor and row-with-columns three (zero fill, amax, cast).
+So block1x128 and delayed tensor scaling cost one launch, tensor and row-with-columns three (zero
+fill, amax, cast).
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; other CPU tensors take the
 PyTorch reference (logged once).
@@ -36,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
+from .amax_history import AmaxHistory
 from .tensor import BLOCK, FP8_DTYPE, Fp8Tensor, empty_scale
 from kernels.triton_support import interpreting, use_triton
 
@@ -82,12 +84,15 @@ def _line_scales(x, amax_ptr, offs, mask, pid_other, scale_ptr, stride0, stride1
 def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
                       qr_ptr, sr_ptr, stride_sr0, stride_sr1,
                       qc_ptr, sc_ptr, stride_sc0, stride_sc1,
-                      amax_r_ptr, amax_c_ptr,
+                      amax_r_ptr, amax_c_ptr, n_amax, slot,
                       GROUP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, EXACT_ROUND: tl.constexpr):
+                      BM: tl.constexpr, BK: tl.constexpr, EXACT_ROUND: tl.constexpr,
+                      AMAX_SLOTS: tl.constexpr, RECORD: tl.constexpr):
     """Tile (pid_m, pid_k) of x [M, K] -> rows data qr [M, K] and/or columns data qc [K, M]
     (both contiguous) with their scales (sr, sc: any strides; sc of block128x128 is [nbK, nbM]).
-    amax_r / amax_c: precomputed row / column amaxes (row) or the tensor amax (tensor)."""
+    amax_r / amax_c: precomputed row / column amaxes (row); for tensor, n_amax amaxes whose max
+    (leaving out index `slot`, -1: none) gives the scale, and with RECORD the tile's amax is
+    atomic_max'ed into amax_r[slot] (delayed scaling: amax_history.py)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -105,7 +110,11 @@ def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
         if GROUP == 1:
             s = fp8_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
         else:
-            s = fp8_scale(tl.load(amax_r_ptr))
+            i = tl.arange(0, AMAX_SLOTS)
+            amaxes = tl.load(amax_r_ptr + i, mask=(i < n_amax) & (i != slot), other=0.0)
+            s = fp8_scale(tl.max(amaxes, axis=0))
+            if RECORD:  # amax >= 0, for which fp32 atomic_max is exact
+                tl.atomic_max(amax_r_ptr + slot, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
         q = fp8_cast(x, fp8_inverse(s), EXACT_ROUND)
         qc = q
         if GROUP == 1:
@@ -223,13 +232,29 @@ def _strides2(scale: Tensor | None) -> tuple[int, int]:
     return tuple(scale.stride()) if scale is not None and scale.dim() == 2 else (0, 0)
 
 
-def _quantize(x: Tensor, scaling: str, rows: bool, cols: bool
+def _reference_quantize(x: Tensor, scaling: str, rows: bool, cols: bool,
+                        history: AmaxHistory | None
+                        ) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
+    amax = None
+    if history is not None:
+        s = history.next_slot(x.device)
+        own = x.detach().float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+        amax = own if s.bootstrap else history.scale_amax(s)
+        s.amaxes[s.slot] = own
+    return (reference.quantize_rows_reference(x, scaling, amax) if rows else None,
+            reference.quantize_columns_reference(x, scaling, amax) if cols else None)
+
+
+def _quantize(x: Tensor, scaling: str, rows: bool, cols: bool,
+              history: AmaxHistory | None = None
               ) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
     """Rows and/or columns forms of x [M, K] under any of the four scalings (block128x128's
-    columns form is the exact transpose: data [K, M], scale [nbK, nbM])."""
+    columns form is the exact transpose: data [K, M], scale [nbK, nbM]); tensor scaling takes
+    its scale from `history` where given (delayed scaling)."""
+    if history is not None and scaling != "tensor":
+        raise ValueError(f"an amax history (delayed scaling) needs tensor scaling, got {scaling!r}")
     if not use_triton(x, "fp8 quantisers", logger) or x.numel() == 0:  # (empty: nothing to launch)
-        return (reference.quantize_rows_reference(x, scaling) if rows else None,
-                reference.quantize_columns_reference(x, scaling) if cols else None)
+        return _reference_quantize(x, scaling, rows, cols, history)
     M, K = x.shape
     dev = x.device
     exact = interpreting()
@@ -248,11 +273,21 @@ def _quantize(x: Tensor, scaling: str, rows: bool, cols: bool
     BM = BLOCK if scaling == "block128x128" or (scaling == "block1x128" and cols) else CAST_BM
     grid = (triton.cdiv(M, BM), triton.cdiv(K, BK))
     amax_r = amax_c = None
+    n_amax, slot, record = 1, -1, False
     if scaling == "tensor":
-        amax_r = torch.zeros(1, dtype=torch.float32, device=dev)
-        _amax_tensor_kernel[(_num_programs(x),)](
-            x, x.numel(), K, x.stride(0), x.stride(1), amax_r, B=AMAX_CHUNK,
-            CONTIGUOUS=x.is_contiguous(), num_warps=8)
+        if history is None:
+            amax_r = torch.zeros(1, dtype=torch.float32, device=dev)
+            sweep = amax_r
+        else:
+            s = history.next_slot(dev)
+            amax_r, n_amax = s.amaxes, s.amaxes.numel()
+            sweep = amax_r[s.slot:s.slot + 1] if s.bootstrap else None
+            # The bootstrap cast reads the amax the sweep recorded (every other slot is 0).
+            slot, record = (-1, False) if s.bootstrap else (s.slot, True)
+        if sweep is not None:
+            _amax_tensor_kernel[(_num_programs(x),)](
+                x, x.numel(), K, x.stride(0), x.stride(1), sweep, B=AMAX_CHUNK,
+                CONTIGUOUS=x.is_contiguous(), num_warps=8)
     elif scaling == "row":
         amax_r = torch.zeros(M, dtype=torch.float32, device=dev) if rows else None
         amax_c = torch.zeros(K, dtype=torch.float32, device=dev)
@@ -262,32 +297,35 @@ def _quantize(x: Tensor, scaling: str, rows: bool, cols: bool
     _cast_tile_kernel[grid](
         x, M, K, x.stride(0), x.stride(1),
         _or(qr, x), _or(sr, x), *_strides2(sr), _or(qc, x), _or(sc, x), *_strides2(sc),
-        _or(amax_r, x), _or(amax_c, x),
+        _or(amax_r, x), _or(amax_c, x), n_amax, slot,
         GROUP=_GROUP[scaling], ROWS=rows, COLS=cols, BM=BM, BK=BK, EXACT_ROUND=exact,
-        num_warps=TILE_WARPS)
+        AMAX_SLOTS=triton.next_power_of_2(n_amax), RECORD=record, num_warps=TILE_WARPS)
     return (Fp8Tensor(qr, sr, scaling) if rows else None,
             Fp8Tensor(qc, sc, scaling) if cols else None)
 
 
-def quantize_rows(x: Tensor, scaling: str) -> Fp8Tensor:
+def quantize_rows(x: Tensor, scaling: str, history: AmaxHistory | None = None) -> Fp8Tensor:
     """x [M, K] -> Fp8Tensor data [M, K]; scaling: block1x128 (scale [M, ceil(K/128)],
-    K-block-major), row ([M, 1]) or tensor ([])."""
+    K-block-major), row ([M, 1]) or tensor ([]). history (tensor scaling only): delayed scaling,
+    the scale from the amax history, x's amax recorded into it (amax_history.py)."""
     _check(x, scaling, ACTIVATION_SCALINGS, "x")
-    return _quantize(x, scaling, rows=True, cols=False)[0]
+    return _quantize(x, scaling, rows=True, cols=False, history=history)[0]
 
 
-def quantize_columns(x: Tensor, scaling: str) -> Fp8Tensor:
+def quantize_columns(x: Tensor, scaling: str, history: AmaxHistory | None = None) -> Fp8Tensor:
     """x [M, K] -> the operand of x^T: data [K, M], groups along M (block1x128 scale
-    [K, ceil(M/128)] M-block-major, row [K, 1], tensor [])."""
+    [K, ceil(M/128)] M-block-major, row [K, 1], tensor []). history: as in quantize_rows."""
     _check(x, scaling, ACTIVATION_SCALINGS, "x")
-    return _quantize(x, scaling, rows=False, cols=True)[1]
+    return _quantize(x, scaling, rows=False, cols=True, history=history)[1]
 
 
-def quantize_rows_and_columns(x: Tensor, scaling: str) -> tuple[Fp8Tensor, Fp8Tensor]:
-    """(quantize_rows(x), quantize_columns(x)) from one read of x (row scaling reads it twice:
-    amax sweep, then the cast)."""
+def quantize_rows_and_columns(x: Tensor, scaling: str, history: AmaxHistory | None = None
+                              ) -> tuple[Fp8Tensor, Fp8Tensor]:
+    """(quantize_rows(x), quantize_columns(x)) from one read of x (row scaling, and tensor
+    scaling without a history, read it twice: amax sweep, then the cast). history: as in
+    quantize_rows."""
     _check(x, scaling, ACTIVATION_SCALINGS, "x")
-    return _quantize(x, scaling, rows=True, cols=True)
+    return _quantize(x, scaling, rows=True, cols=True, history=history)
 
 
 def quantize_weight(w: Tensor, scaling: str) -> Fp8Tensor:

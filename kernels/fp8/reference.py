@@ -44,8 +44,12 @@ def _expand(scale: Tensor, scaling: str, rows: int, cols: int) -> Tensor:
     return scale  # row [rows, 1] and tensor [] broadcast
 
 
-def quantize_rows_reference(x: Tensor, scaling: str) -> Fp8Tensor:
-    """x [R, K] (any float dtype) -> Fp8Tensor, data [R, K], under any of the four scalings."""
+def quantize_rows_reference(x: Tensor, scaling: str, amax: Tensor | None = None) -> Fp8Tensor:
+    """x [R, K] (any float dtype) -> Fp8Tensor, data [R, K], under any of the four scalings.
+    amax (tensor scaling only): the amax the scale is taken from instead of x's own (delayed
+    scaling: amax_history.py)."""
+    if amax is not None and scaling != "tensor":
+        raise ValueError(f"a given amax needs tensor scaling, got {scaling!r}")
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [R, K], got {tuple(x.shape)}")
     R, K = x.shape
@@ -60,7 +64,8 @@ def quantize_rows_reference(x: Tensor, scaling: str) -> Fp8Tensor:
     elif scaling == "row":
         amax = a.amax(dim=1, keepdim=True) if K else a.new_zeros(R, 1)
     elif scaling == "tensor":
-        amax = a.amax() if a.numel() else a.new_zeros(())
+        if amax is None:
+            amax = a.amax() if a.numel() else a.new_zeros(())
     else:
         raise ValueError(f"unknown scaling {scaling!r}")
     scale = scale_from_amax(amax)
@@ -70,9 +75,10 @@ def quantize_rows_reference(x: Tensor, scaling: str) -> Fp8Tensor:
     return Fp8Tensor(data, out_scale, scaling)
 
 
-def quantize_columns_reference(x: Tensor, scaling: str) -> Fp8Tensor:
+def quantize_columns_reference(x: Tensor, scaling: str, amax: Tensor | None = None
+                               ) -> Fp8Tensor:
     """x [M, K] -> the operand of x^T: data [K, M], groups along M (x^T's rows quantisation)."""
-    return quantize_rows_reference(x.t(), scaling)
+    return quantize_rows_reference(x.t(), scaling, amax)
 
 
 def quantize_weight_reference(w: Tensor, scaling: str) -> Fp8Tensor:

@@ -12,7 +12,9 @@ from ring_train.config.errors import ConfigError
 #   blockwise   activations/gradients 1x128, weights 128x128 tiles (linghe, Ling 2.0)
 #   rowwise     one scale per row of each operand
 #   tensorwise  one scale per tensor
-FP8_RECIPES = ("none", "blockwise", "rowwise", "tensorwise")
+#   tensorwise_delayed  tensorwise, activations and gradients scaled from the amaxes of their
+#               layer's previous 16 tensors (one read instead of two per quantisation)
+FP8_RECIPES = ("none", "blockwise", "rowwise", "tensorwise", "tensorwise_delayed")
 
 
 @dataclass
@@ -20,6 +22,10 @@ class ComputeConfig:
     # FP8 for the QKV/gate, output, dense MLP, shared- and routed-expert GEMMs; bf16 master
     # weights stay with the optimizer. Embedding, output layer and router stay in bf16/fp32.
     fp8: str = "none"
+    # With fp8: the routed experts' grouped GEMMs in FP8 too (rowwise, torch._scaled_grouped_mm),
+    # or false: in bf16 (torch._grouped_mm). At narrow experts (Ring-mini's 512) torch's grouped
+    # FP8 GEMM is slower than the bf16 one (benchmarks/expert_mlp.py).
+    fp8_routed_experts: bool = True
     # Triton fused kernels (QKV split + QK-norm + RoPE, grouped norm x gate, fused router,
     # SwiGLU) on CUDA; the PyTorch reference path elsewhere.
     fused_kernels: bool = False

@@ -56,7 +56,7 @@ __all__ = ["expert_mlp", "FP8_RECIPES"]
 
 # Any FP8 recipe runs the experts' GEMMs rowwise: torch (2.11) has no blockwise or tensorwise
 # grouped GEMM.
-FP8_RECIPES = ("rowwise", "blockwise", "tensorwise")
+FP8_RECIPES = ("rowwise", "blockwise", "tensorwise", "tensorwise_delayed")
 
 logger = logging.getLogger(__name__)
 _logged: set = set()

@@ -130,8 +130,10 @@ class GroupedExperts(MegatronModule):
             )
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
-        out = expert_mlp(x, probs, self.fc1_weight, self.fc2_weight, tokens_per_expert,
-                         fp8=getattr(self.config, "linear_fp8_recipe", None),
+        fp8 = getattr(self.config, "linear_fp8_recipe", None)
+        if not getattr(self.config, "fp8_routed_experts", True):
+            fp8 = None
+        out = expert_mlp(x, probs, self.fc1_weight, self.fc2_weight, tokens_per_expert, fp8=fp8,
                          recompute=getattr(self.config, "recompute_experts", False))
         return out, None
 

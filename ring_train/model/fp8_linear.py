@@ -5,7 +5,8 @@ keys and tensor-parallel communication (all-gather / reduce-scatter under sequen
 all-reduce of the input gradient otherwise, taken from megatron's autograd mappings), so a run
 can switch `compute.fp8` on or off between stages or resumes. The bf16 weight stays the
 parameter the optimizer updates; its quantised form is cached between micro-batches until the
-optimizer changes it.
+optimizer changes it. Under a delayed-scaling recipe each layer keeps its own amax histories
+(not checkpointed: a resumed run restarts them with one current-scaled quantisation).
 
 Unlike megatron's bf16 path, the input-gradient communication is not overlapped with the weight
 gradient GEMM.
@@ -22,7 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from torch import Tensor
 
-from kernels.fp8.linear import WEIGHT_CACHE, fp8_linear
+from kernels.fp8.linear import WEIGHT_CACHE, DelayedScaling, fp8_linear
 
 
 class _Fp8Gemm:
@@ -48,8 +49,19 @@ class _Fp8Gemm:
             input = gather_from_sequence_parallel_region(input, group=tp_group)
         elif allreduce_dgrad:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-        output = fp8_linear(input, weight, self.config.linear_fp8_recipe, cache=WEIGHT_CACHE)
+        recipe = self.config.linear_fp8_recipe
+        output = fp8_linear(input, weight, recipe, cache=WEIGHT_CACHE,
+                            delayed=self._delayed_scaling(recipe))
         return output if bias is None else output + bias
+
+    def _delayed_scaling(self, recipe: str) -> Optional[DelayedScaling]:
+        """This layer's amax histories under a delayed-scaling recipe (made on first use, kept
+        across steps, restarted after a resume or a recipe change), else None."""
+        state = self.__dict__.get("_fp8_delayed")
+        if state is None or state[0] != recipe:
+            state = (recipe, DelayedScaling.for_recipe(recipe))
+            self.__dict__["_fp8_delayed"] = state
+        return state[1]
 
 
 class Fp8ColumnParallelLinear(_Fp8Gemm, ColumnParallelLinear):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import List, Optional
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -86,10 +86,14 @@ def moe_spec(config: HybridTransformerConfig) -> ModuleSpec:
     run as fused Triton kernels when `fused_kernels` is on."""
     mlp = dense_mlp_spec(config)
     experts = GroupedExperts if config.grouped_experts else SequentialMLP
+    expert_linears = mlp.submodules
+    if not config.fp8_routed_experts:  # routed experts in bf16 under an FP8 recipe
+        expert_linears = MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                       linear_fc2=RowParallelLinear)
     return ModuleSpec(
         module=MoELayer,
         submodules=MoESubmodules(
-            experts=ModuleSpec(module=experts, submodules=mlp.submodules),
+            experts=ModuleSpec(module=experts, submodules=expert_linears),
             shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=mlp.submodules),
             router=FusedTopKRouter,
         ),

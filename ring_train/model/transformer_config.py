@@ -27,6 +27,7 @@ class HybridTransformerConfig(TransformerConfig):
     # ComputeConfig (ring_train/config/compute.py). Named apart from megatron's own `fp8*`
     # fields, which select transformer-engine paths.
     linear_fp8_recipe: Optional[str] = None
+    fp8_routed_experts: bool = True
     fused_kernels: bool = False
     grouped_experts: bool = False
     recompute_experts: bool = False
@@ -76,6 +77,7 @@ def to_transformer_config(
         first_k_dense_replace=model.first_k_dense_replace,
         # compute
         linear_fp8_recipe=None if compute.fp8 == "none" else compute.fp8,
+        fp8_routed_experts=compute.fp8_routed_experts,
         fused_kernels=compute.fused_kernels,
         grouped_experts=compute.grouped_experts,
         recompute_experts=compute.recompute_experts,

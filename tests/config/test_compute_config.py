@@ -9,7 +9,8 @@ from ring_train.config.hydra import compose_recipe, to_train_config
 
 @pytest.mark.parametrize("preset, fp8", [("reference", "none"), ("fused", "none"),
                                          ("fp8_blockwise", "blockwise"),
-                                         ("fp8_tensorwise", "tensorwise")])
+                                         ("fp8_tensorwise", "tensorwise"),
+                                         ("fp8_tensorwise_delayed", "tensorwise_delayed")])
 def test_presets_compose(preset, fp8):
     cfg = to_train_config(compose_recipe(["recipe=small", f"compute={preset}"]))
     assert cfg.compute.fp8 == fp8

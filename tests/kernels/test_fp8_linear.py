@@ -9,7 +9,10 @@ normal data: each of the three GEMMs multiplies two e4m3-rounded operands, 0.037
 import pytest
 import torch
 
-from kernels.fp8.linear import RECIPES, Fp8WeightCache, fp8_linear
+from kernels.fp8.gemm import fp8_gemm
+from kernels.fp8.linear import RECIPES, DelayedScaling, Fp8WeightCache, fp8_linear
+from kernels.fp8.quantize import transpose_fp8
+from kernels.fp8.reference import quantize_rows_reference
 from tests.kernels.kernel_testing import DEVICE, rel_err
 
 FP8_TOL = 0.042
@@ -31,10 +34,16 @@ def fp32_linear(x, w, dy):
     return y.detach(), xr.grad, wr.grad
 
 
+def linear(x, w, recipe, cache=None):
+    """fp8_linear as a layer's first call: delayed recipes with a fresh history (whose first
+    quantisations are current-scaled, so every recipe meets the same tolerances here)."""
+    return fp8_linear(x, w, recipe, cache, DelayedScaling.for_recipe(recipe))
+
+
 def run_fp8(x, w, dy, recipe, dtype, cache=None):
     xx = x.detach().to(dtype, copy=True).requires_grad_(True)
     ww = w.detach().to(dtype, copy=True).requires_grad_(True)
-    y = fp8_linear(xx, ww, recipe, cache)
+    y = linear(xx, ww, recipe, cache)
     y.backward(dy.to(dtype))
     return y.detach(), xx.grad, ww.grad
 
@@ -63,7 +72,7 @@ def test_saves_only_fp8_tensors_for_backward(recipe):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fp8_linear(x, w, recipe)
+        linear(x, w, recipe)
     data = [t for t in saved if t.dtype == torch.float8_e4m3fn]
     assert len(data) == 2 and {tuple(t.shape) for t in data} == {(256, 256), (256, 128)}
     # Besides FP8 data only fp32 scales, each far smaller than x.
@@ -77,13 +86,13 @@ def test_partial_requires_grad_and_no_grad(recipe):
     x, w, dy = x.bfloat16(), w.bfloat16(), dy.bfloat16()
     ref_y, ref_dx, ref_dw = run_fp8(x, w, dy, recipe, torch.bfloat16)
     xx = x.clone().requires_grad_(True)
-    fp8_linear(xx, w, recipe).backward(dy)  # frozen weight
+    linear(xx, w, recipe).backward(dy)  # frozen weight
     assert torch.equal(xx.grad, ref_dx)
     ww = w.clone().requires_grad_(True)
-    fp8_linear(x, ww, recipe).backward(dy)  # input without grad
+    linear(x, ww, recipe).backward(dy)  # input without grad
     assert torch.equal(ww.grad, ref_dw)
     with torch.no_grad():
-        assert torch.equal(fp8_linear(x, ww, recipe), ref_y)
+        assert torch.equal(linear(x, ww, recipe), ref_y)
 
 
 def test_rejects_unknown_recipes_and_shapes():
@@ -92,6 +101,53 @@ def test_rejects_unknown_recipes_and_shapes():
         fp8_linear(x, w, "mxfp8")
     with pytest.raises(ValueError, match="weight"):
         fp8_linear(x, w.t(), "tensorwise")
+
+
+def test_delayed_recipes_need_their_scaling_state_and_others_refuse_it():
+    x, w, _ = make(1, 16, 32, 16)
+    with pytest.raises(ValueError, match="DelayedScaling.for_recipe"):
+        fp8_linear(x, w, "tensorwise_delayed")
+    with pytest.raises(ValueError, match="does not scale with delay"):
+        fp8_linear(x, w, "tensorwise", delayed=DelayedScaling())
+    assert DelayedScaling.for_recipe("blockwise") is None
+
+
+# --------------------------------------------------------------------------------------------
+# Delayed scaling.
+
+def test_delayed_scaling_takes_scales_from_the_layers_previous_amaxes():
+    """Four steps of one layer whose input and output gradient grow 8x at step 2 and shrink back:
+    each step's x and dy are scaled from the largest amax of the previous two (the first step's
+    from its own), so step 2 saturates and step 3 still uses step 2's large amax. y and dx equal
+    the FP8 GEMMs of operands quantised with exactly those amaxes."""
+    length = 2
+    delayed = DelayedScaling(length)
+    torch.manual_seed(0)
+    w = (torch.randn(96, 160) * 160 ** -0.5).bfloat16().requires_grad_(True)
+    wq = quantize_rows_reference(w.detach(), "tensor")
+    amaxes = {"x": [], "dy": []}
+
+    def expected_amax(name, own):
+        seen = amaxes[name]
+        amax = own if not seen else torch.stack(seen[-length:]).max()
+        seen.append(own)
+        return amax
+
+    for step, gain in enumerate([1.0, 1.0, 8.0, 1.0]):
+        x = (torch.randn(2, 64, 160) * gain).bfloat16().requires_grad_(True)
+        dy = (torch.randn(2, 64, 96) * gain).bfloat16()
+        y = fp8_linear(x, w, "tensorwise_delayed", delayed=delayed)
+        y.backward(dy)
+        x2, dy2 = x.detach().reshape(-1, 160), dy.reshape(-1, 96)
+        xq = quantize_rows_reference(x2, "tensor", expected_amax("x", x2.float().abs().max()))
+        dyq = quantize_rows_reference(dy2, "tensor", expected_amax("dy", dy2.float().abs().max()))
+        assert torch.equal(y.detach().reshape(-1, 96), fp8_gemm(xq, wq, out_dtype=torch.bfloat16))
+        assert torch.equal(x.grad.reshape(-1, 160),
+                           fp8_gemm(dyq, transpose_fp8(wq), out_dtype=torch.bfloat16))
+        saturated = xq.data.float().abs().eq(448).float().mean().item()
+        assert (saturated > 0.01) == (step == 2), (step, saturated)
+        w.grad = None
+    assert delayed.input.recorded == delayed.grad.recorded == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,12 +161,12 @@ def test_cache_reuses_the_weight_across_micro_batches(recipe):
     weight = torch.nn.Parameter(w.clone())
     grads = []
     for xb, dyb in zip(x, dy):  # two micro-batches, gradient accumulation
-        fp8_linear(xb.clone().requires_grad_(True), weight, recipe, cache).backward(dyb)
+        linear(xb.clone().requires_grad_(True), weight, recipe, cache).backward(dyb)
         grads.append(weight.grad.clone())
     assert cache.misses == 1 and cache.hits == 1 and len(cache) == 1
     fresh = torch.nn.Parameter(w.clone())
     for xb, dyb in zip(x, dy):
-        fp8_linear(xb, fresh, recipe).backward(dyb)
+        linear(xb, fresh, recipe).backward(dyb)
     assert torch.equal(fresh.grad, grads[-1])
 
 
@@ -157,8 +213,9 @@ def test_cache_keys_recipes_and_tensor_identity():
     cache = Fp8WeightCache()
     weight = w.bfloat16()
     for recipe in RECIPES:
-        fp8_linear(x, weight, recipe, cache)
-    assert len(cache) == 3 and cache.misses == 3
+        linear(x, weight, recipe, cache)
+    # Entries are per weight scaling: the two tensorwise recipes share theirs.
+    assert len(cache) == 3 and cache.misses == 3 and cache.hits == 1
     # A different tensor object with the same storage (a view) is not trusted.
     fp8_linear(x, weight.view_as(weight), "blockwise", cache)
     assert cache.misses == 4
@@ -181,13 +238,13 @@ def test_cache_adds_the_transposed_weight_on_first_need():
     weight = torch.nn.Parameter(w.bfloat16())
     for recipe in RECIPES:
         with torch.no_grad():
-            fp8_linear(x, weight, recipe, cache)  # forward only: no transposed weight
+            linear(x, weight, recipe, cache)  # forward only: no transposed weight
         xx = x.clone().requires_grad_(True)
-        fp8_linear(xx, weight, recipe, cache).backward(dy)
+        linear(xx, weight, recipe, cache).backward(dy)
         xr = x.clone().requires_grad_(True)
-        fp8_linear(xr, weight.detach(), recipe).backward(dy)
+        linear(xr, weight.detach(), recipe).backward(dy)
         assert torch.equal(xx.grad, xr.grad), recipe
-    assert cache.misses == 3 and cache.hits == 3
+    assert cache.misses == 3 and cache.hits == 5
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,6 +178,56 @@ def test_cpu_without_the_interpreter_runs_the_reference(monkeypatch):
     assert_same(cols, R.quantize_columns_reference(x, "block1x128"))
 
 
+def run_delayed_steps(gains, length, M, K, device=DEVICE, seed=0):
+    """Quantises one site's tensors x_n = gain_n * randn (rows, columns, then both, in turn)
+    under delayed scaling with history `length`; checks each against the reference quantised
+    with the amax delayed scaling must use (the first tensor's own, then the largest of the
+    previous `length`) and the recorded amaxes against the tensors' own. Returns the history."""
+    from kernels.fp8.amax_history import AmaxHistory
+
+    history = AmaxHistory(length)
+    own = []
+    for n, gain in enumerate(gains):
+        x = make_x(M, K, torch.bfloat16, seed=seed + n, device=device) * gain
+        amax = torch.stack(own[-length:]).max() if own else x.float().abs().max()
+        own.append(x.float().abs().max())
+        with poisoned_allocations():
+            form = n % 3
+            if form == 0:
+                outs = [(Q.quantize_rows(x, "tensor", history), R.quantize_rows_reference)]
+            elif form == 1:
+                outs = [(Q.quantize_columns(x, "tensor", history),
+                         R.quantize_columns_reference)]
+            else:
+                rows, cols = Q.quantize_rows_and_columns(x, "tensor", history)
+                outs = [(rows, R.quantize_rows_reference), (cols, R.quantize_columns_reference)]
+        for got, ref in outs:
+            assert_same(got, ref(x, "tensor", amax), f"step {n} (gain {gain})")
+        recorded = history.amaxes[(history.recorded - 1) % (length + 1)]
+        assert torch.equal(recorded, own[-1]), (n, recorded, own[-1])
+    return history
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_delayed_tensor_scaling_uses_the_previous_amaxes_and_records_its_own(path, monkeypatch):
+    if path == "reference":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # Growth past the delayed scale (saturation), decay below it, and a window that rolls over.
+    history = run_delayed_steps([1.0, 4.0, 0.5, 0.25, 0.1, 0.1, 2.0], length=2, M=200, K=272,
+                                device="cpu" if path == "reference" else DEVICE)
+    assert history.recorded == 7
+
+
+def test_delayed_scaling_needs_tensor_scaling():
+    from kernels.fp8.amax_history import AmaxHistory
+
+    x = make_x(16, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match="needs tensor scaling"):
+        Q.quantize_rows(x, "row", AmaxHistory())
+    with pytest.raises(ValueError, match="length must be >= 1"):
+        AmaxHistory(0)
+
+
 def test_rejects_bad_scalings_and_shapes():
     x = make_x(16, 16, torch.bfloat16)
     with pytest.raises(ValueError, match="scaling"):
@@ -199,6 +249,11 @@ def test_gpu_quantisers_equal_the_reference_at_real_shapes(M, K, scaling):
     assert_same(rows, R.quantize_rows_reference(x, scaling), f"rows {M}x{K}")
     assert_same(cols, R.quantize_columns_reference(x, scaling), f"columns {M}x{K}")
     assert_same(only_rows, R.quantize_rows_reference(x, scaling), f"rows only {M}x{K}")
+
+
+@pytest.mark.gpu
+def test_gpu_delayed_tensor_scaling_at_real_shapes():
+    run_delayed_steps([1.0, 4.0, 0.5, 0.25, 2.0], length=3, M=16384, K=4096)
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 steps under one parallel layout, from layout-independent global weights and data."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -54,8 +54,9 @@ def global_batch(step: int) -> List[Microbatch]:
     ]
 
 
-def train(rank: int, layout: Layout, steps: int = 3) -> List[Tuple[float, float]]:
-    """(loss, grad norm) after each of `steps` optimizer steps."""
+def train(rank: int, layout: Layout, steps: int = 3, probe: Optional[Callable] = None):
+    """(loss, grad norm) after each of `steps` optimizer steps; with `probe`, also what
+    probe(model chunks) returns after the last step: (history, probe's result)."""
     init_distributed(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
                      virtual_pipeline_parallel=layout.vpp, expert_parallel=layout.ep)
     model_cfg = load_model_config("tiny")
@@ -77,5 +78,6 @@ def train(rank: int, layout: Layout, steps: int = 3) -> List[Tuple[float, float]
     for step in range(steps):
         result = train_step(model, optimizer, global_batch(step))
         history.append((result.loss, result.grad_norm))
+    probed = probe(chunks) if probe is not None else None
     destroy_distributed()
-    return history
+    return history if probe is None else (history, probed)

@@ -114,6 +114,21 @@ def test_probs_on_input_and_expert_recompute(single_process, monkeypatch):
     assert calls == [True]
 
 
+@pytest.mark.parametrize("routed_fp8", [True, False])
+def test_fp8_recipe_reaches_the_routed_experts_unless_kept_in_bf16(single_process, routed_fp8):
+    """compute.fp8_routed_experts=false keeps the grouped experts' GEMMs in bf16 (the exact
+    outputs of no FP8 recipe) while the recipe is on; true runs them in FP8."""
+    sequential, grouped = pair()
+    g = torch.Generator().manual_seed(3)
+    x, probs, counts = torch.randn(12, D, generator=g), torch.rand(12, generator=g), [5, 0, 4, 3]
+    plain, _ = grouped(x, torch.tensor(counts), probs)
+    grouped.config.linear_fp8_recipe = "blockwise"  # the HybridTransformerConfig fields
+    grouped.config.fp8_routed_experts = routed_fp8
+    out, _ = grouped(x, torch.tensor(counts), probs)
+    assert torch.equal(out, plain) != routed_fp8
+    assert rel_err(out, plain) < 0.1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_experts", [256, 32])
 def test_ring_mini_shapes_on_gpu(single_process, num_experts):
