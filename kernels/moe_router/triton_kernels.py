@@ -12,6 +12,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _pop_max(v, positions):
+    """Per row of v [BT, N]: the column of its largest value (the lowest on ties), that column as
+    a one-hot mask, and v with it set to -inf (so the next call takes the runner-up)."""
+    top = tl.argmax(v, axis=1)
+    hit = positions[None, :] == top[:, None]
+    return top, hit, tl.where(hit, float("-inf"), v)
+
+
+@triton.jit
 def routing_fwd_kernel(logits, bias, probs, routing_map, topk_probs, topk_idx, counts, T,
                        s_lt, scaling, E: tl.constexpr, G: tl.constexpr, M: tl.constexpr,
                        GK: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
@@ -40,20 +49,16 @@ def routing_fwd_kernel(logits, bias, probs, routing_map, topk_probs, topk_idx, c
         gcols = tl.arange(0, G)
         kept = tl.zeros((BT, G), dtype=tl.int32)
         for _ in tl.static_range(GK):
-            top = tl.argmax(group_score, axis=1)
-            hit = gcols[None, :] == top[:, None]
+            _, hit, group_score = _pop_max(group_score, gcols)
             kept = tl.where(hit, 1, kept)
-            group_score = tl.where(hit, float("-inf"), group_score)
         kept_e = tl.reshape(tl.broadcast_to(kept[:, :, None], (BT, G, GS)), (BT, E))
         b = tl.where(kept_e != 0, b, float("-inf"))
     kcols = tl.arange(0, BK)
     chosen = tl.zeros((BT, E), dtype=tl.int32)
     idx = tl.zeros((BT, BK), dtype=tl.int32)
     for j in tl.static_range(K):
-        top = tl.argmax(b, axis=1)
-        hit = cols[None, :] == top[:, None]
+        top, hit, b = _pop_max(b, cols)
         chosen = tl.where(hit, 1, chosen)
-        b = tl.where(hit, float("-inf"), b)
         idx = tl.where(kcols[None, :] == j, top[:, None], idx)
     sel = chosen != 0
     p = tl.where(sel, s, 0.0)

@@ -70,6 +70,9 @@ class SigmoidTopKRoutingFunction(torch.autograd.Function):
         ctx.save_for_backward(logits, routing_map, topk_idx)
         ctx.topk, ctx.scaling = topk, scaling
         ctx.mark_non_differentiable(routing_map, topk_idx, counts)
+        # Gradients of unused outputs (the router uses probs, not topk_probs) arrive as None
+        # instead of zero tensors that backward would scatter.
+        ctx.set_materialize_grads(False)
         return probs, routing_map, topk_probs, topk_idx, counts
 
     @staticmethod
