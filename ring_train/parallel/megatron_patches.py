@@ -1,10 +1,14 @@
-"""Patches for megatron-core 0.16.1 where it assumes CUDA or Transformer Engine / Apex.
+"""Patches for megatron-core 0.16.1 where it assumes CUDA or Transformer Engine / Apex, and
+replacements of its slow code on our paths.
 
-Two kinds, each registered by name so a test can skip one and show that the scenario needing
-it still fails (tests/parallel/test_cpu_patches_needed.py):
+Two kinds of fixes, each registered by name so a test can skip one and show that the scenario
+needing it still fails (tests/parallel/test_cpu_patches_needed.py):
   * CPU patches let it run on CPU with gloo (tests and CI); never applied where CUDA exists.
   * no-TE fixes repair megatron-core bugs on paths without Transformer Engine / Apex; they are
     applied on every device, GPUs included, whenever Transformer Engine is not installed.
+Speed replacements compute exactly what the megatron-core code they replace computes (tests
+compare the two: tests/parallel/test_megatron_speedups.py) without its host-device syncs; they
+are applied on every device.
 """
 
 import copy
@@ -32,6 +36,14 @@ def _patch(fn: Callable[[], None]) -> Callable[[], None]:
 def _no_te_fix(fn: Callable[[], None]) -> Callable[[], None]:
     _NO_TE_FIXES.add(fn.__name__)
     return _patch(fn)
+
+
+_SPEEDUPS: Dict[str, Callable[[], None]] = {}
+
+
+def _speedup(fn: Callable[[], None]) -> Callable[[], None]:
+    _SPEEDUPS[fn.__name__] = fn
+    return fn
 
 
 def _replace(owner: object, attr: str, value: object) -> None:
@@ -303,6 +315,49 @@ def distopt_state_copy_skips_step() -> None:
     _replace(DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states)
 
 
+# --- speed ---------------------------------------------------------------------------------
+
+
+def roll_left_within_documents(tensor: torch.Tensor, cu_seqlens: torch.Tensor
+                               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(tensor shifted one position left along its last dim within each packed document
+    [cu_seqlens[i], cu_seqlens[i + 1]), the last position of each document set to 0 and
+    positions outside all documents unchanged; its sum), with no host-device sync."""
+    length = tensor.shape[-1]
+    device = tensor.device
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    # 1 at the last position of every non-empty document (an empty one marks nothing).
+    last = torch.zeros(length, dtype=torch.int8, device=device).scatter_reduce_(
+        0, (ends - 1).clamp(0, length - 1), (ends > starts).to(torch.int8), "amax")
+    positions = torch.arange(length, device=device)
+    outside = (positions < cu_seqlens[0]) | (positions >= cu_seqlens[-1])
+    rolled = torch.roll(tensor, shifts=-1, dims=-1)
+    rolled = torch.where(last.bool(), torch.zeros((), dtype=tensor.dtype, device=device), rolled)
+    rolled = torch.where(outside, tensor, rolled)
+    return rolled, rolled.sum()
+
+
+@_speedup
+def mtp_packed_roll_without_syncs() -> None:
+    # Multi-token prediction rolls input ids, positions, labels and the loss mask one token left
+    # within each packed document. megatron-core loops over the documents, slicing at
+    # cu_seqlens entries read back from the GPU: two syncs per document per roll, ~650 per step
+    # of the Ring-mini proxy (8 micro-batches of 4K tokens in ~1K-token documents). Without
+    # context parallelism (the only case replaced) one roll and two masks do it.
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    original = mtp._roll_tensor_packed_seq
+
+    def roll(tensor, shifts, dims, packed_seq_params, cp_group=None):
+        cp_size = cp_group.size() if cp_group is not None else 1
+        cu_seqlens = packed_seq_params.cu_seqlens_q
+        if cp_size > 1 or shifts != -1 or dims not in (-1, tensor.dim() - 1) or cu_seqlens is None:
+            return original(tensor, shifts, dims, packed_seq_params, cp_group)
+        return roll_left_within_documents(tensor, cu_seqlens)
+
+    _replace(mtp, "_roll_tensor_packed_seq", roll)
+
+
 # --- public API ----------------------------------------------------------------------------
 
 
@@ -326,7 +381,7 @@ def _needed_here() -> Tuple[str, ...]:
 
 def apply_patches(skip: Iterable[str] = ()) -> None:
     """Apply the patches this machine needs, except those in `skip`: all of them on CPU, the
-    no-TE fixes on GPUs without Transformer Engine, none otherwise.
+    no-TE fixes on GPUs without Transformer Engine, none otherwise; and every speed replacement.
 
     Idempotent: the first call in a process decides which patches are active, and later calls
     (init_distributed makes one) change nothing until remove_patches(). That lets a test
@@ -343,6 +398,8 @@ def apply_patches(skip: Iterable[str] = ()) -> None:
     _applied = tuple(name for name in _needed_here() if name not in skip)
     for name in _applied:
         _PATCHES[name]()
+    for apply_speedup in _SPEEDUPS.values():
+        apply_speedup()
     if _applied:
         logger.info("megatron-core patches applied: %s", ", ".join(_applied))
 
