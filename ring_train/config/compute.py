@@ -27,7 +27,8 @@ class ComputeConfig:
     # FP8 GEMM is slower than the bf16 one (benchmarks/expert_mlp.py).
     fp8_routed_experts: bool = True
     # Triton fused kernels (QKV split + QK-norm + RoPE, grouped norm x gate, fused router,
-    # SwiGLU) on CUDA; the PyTorch reference path elsewhere.
+    # SwiGLU) and megatron-core's fused cross-entropy on CUDA; the PyTorch reference path
+    # elsewhere.
     fused_kernels: bool = False
     # Routed experts as one grouped GEMM per projection (torch._grouped_mm) instead of
     # megatron's loop over experts. Same parameters and checkpoint keys either way.
