@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import pathlib
 import platform
+import sys
 from typing import Callable, Iterator
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -87,6 +88,16 @@ def write_result(name: str, payload: dict, out_dir: pathlib.Path = RESULTS_DIR) 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = out_dir / f"{name}_{stamp}.json"
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    return path
+
+
+def write_checked_result(name: str, payload: dict, accurate: bool) -> pathlib.Path:
+    """write_result(name, payload) and print where; then, if a kernel failed its accuracy check
+    (`accurate` False), exit non-zero: the JSON is kept for inspection."""
+    path = write_result(name, payload)
+    print(f"wrote {path}")
+    if not accurate:
+        sys.exit(f"{name}: accuracy check failed for a fused kernel (see {path})")
     return path
 
 

@@ -27,7 +27,7 @@ output misses its bound. Each entry has two times (benchmarks.common.fused_vs_un
 called (median of triton.testing.do_bench, ms, L2 flushed: Python and launch overheads included)
 and GPU time (the kernels' summed durations); its floor is the bytes it must move over the copy
 bandwidth measured in the same run. Target: fused >= 2x unfused in GPU time (linghe: 2.2x for
-RMSNorm + quantisation). Writes JSON via benchmarks.common.write_result("fused_mlp_kernels").
+RMSNorm + quantisation). Writes JSON via benchmarks.common.write_checked_result("fused_mlp_kernels").
 """
 
 import argparse
@@ -37,7 +37,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth, fused_vs_unfused, sweep_configs, write_result
+from benchmarks.common import (copy_bandwidth, fused_vs_unfused, sweep_configs,
+                               write_checked_result)
 from kernels.fp8.reference import quantize_columns_reference, quantize_rows_reference
 from kernels.fp8.tensor import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, Fp8Tensor
 from kernels.rmsnorm import rms_norm_backward, rms_norm_forward
@@ -280,10 +281,7 @@ def main():
         "timings": timings(runs, case.floors_bytes(), bandwidth),
         "sweep": sweep(runs) if args.sweep else [],
     }
-    path = write_result("fused_mlp_kernels", payload)
-    print(f"wrote {path}")
-    if not all(entry["ok"] for entry in acc.values()):
-        sys.exit("accuracy check failed for a fused kernel (see the JSON)")
+    write_checked_result("fused_mlp_kernels", payload, all(e["ok"] for e in acc.values()))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ the run exits non-zero after writing the JSON if one misses its bound. Each entr
 (benchmarks.common.fused_vs_unfused): as called (median of triton.testing.do_bench, ms, L2
 flushed: Python and launch overheads included) and GPU time (the kernels' summed durations).
 Target: fused >= 2x unfused in GPU time. Writes JSON via
-benchmarks.common.write_result("moe_kernels").
+benchmarks.common.write_checked_result("moe_kernels").
 """
 
 import argparse
@@ -32,7 +32,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fused_vs_unfused, median_ms, sweep_configs, write_result
+from benchmarks.common import fused_vs_unfused, median_ms, sweep_configs, write_checked_result
 
 DEVICE = "cuda"
 TARGET_SPEEDUP = 2.0
@@ -350,10 +350,7 @@ def main():
         "timings": timings(runs, extra),
         "sweep": sweep(runs) if args.sweep else [],
     }
-    path = write_result("moe_kernels", payload)
-    print(f"wrote {path}")
-    if not all(entry["ok"] for entry in accuracy.values()):
-        sys.exit("accuracy check failed (see the JSON)")
+    write_checked_result("moe_kernels", payload, all(e["ok"] for e in accuracy.values()))
 
 
 if __name__ == "__main__":
