@@ -60,15 +60,4 @@ class AmaxHistory:
     def scale_amax(self, s: HistorySlot) -> Tensor:
         """The amax the scale of slot `s`'s quantisation is taken from ([] fp32): the largest of
         the other slots (read before this quantisation records)."""
-        others = torch.ones_like(s.amaxes, dtype=torch.bool)
-        others[s.slot] = False
-        return s.amaxes[others].max()
-
-    def window(self) -> Tensor:
-        """The recorded amaxes, oldest first (for inspection and tests)."""
-        if self.amaxes is None:
-            return torch.zeros(0)
-        n = min(self.recorded, self.length + 1)
-        start = self.recorded - n
-        order = [(start + i) % (self.length + 1) for i in range(n)]
-        return self.amaxes[order]
+        return torch.cat((s.amaxes[:s.slot], s.amaxes[s.slot + 1:])).max()
