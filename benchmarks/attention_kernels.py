@@ -26,7 +26,8 @@ import sys
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-from benchmarks.common import copy_bandwidth, gpu_ms, launch_config, median_ms, write_result
+from benchmarks.common import (copy_bandwidth, gpu_ms, launch_config, median_ms, rel_err,
+                               write_result)
 from kernels.gated_norm import triton_ops as gated_ops
 from kernels.gated_norm.reference import gated_group_rms_norm_reference
 from kernels.gated_norm.triton_ops import gated_group_rms_norm_triton
@@ -122,10 +123,6 @@ def call(fn, name, leaves, kwargs):
     if name == "split_norm_rope":
         return fn(*leaves, kwargs["freqs"], eps=kwargs["eps"], silu=kwargs["silu"])
     return (fn(*leaves, kwargs["groups"], kwargs["eps"]),)
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def outputs_and_grads(fn, name, leaves, kwargs, grads, dtype):

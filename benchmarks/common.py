@@ -40,6 +40,12 @@ def environment() -> dict:
     }
 
 
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| in fp64 (an all-zero b divides by 1e-30: 0 when a is zero too)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def median_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     """Median wall time of `fn` on the GPU in ms (triton.testing.do_bench, L2 flushed)."""
     from triton.testing import do_bench

@@ -28,7 +28,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import median_ms, version, write_result
+from benchmarks.common import median_ms, rel_err, version, write_result
 from kernels.fp8 import gemm as fp8_gemm_module
 from kernels.fp8.amax_history import AmaxHistory
 from kernels.fp8 import quantize as quantize_module
@@ -43,10 +43,6 @@ DEVICE = "cuda"  # a CPU smoke run (TRITON_INTERPRET=1, tiny shapes) may replace
 
 def timer(fn) -> float:
     return median_ms(fn)
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def make_inputs(tokens, dim, hidden):

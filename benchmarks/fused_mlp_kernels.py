@@ -37,7 +37,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (copy_bandwidth, fused_vs_unfused, sweep_configs,
+from benchmarks.common import (copy_bandwidth, fused_vs_unfused, rel_err, sweep_configs,
                                write_checked_result)
 from kernels.fp8.reference import quantize_columns_reference, quantize_rows_reference
 from kernels.fp8.tensor import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, Fp8Tensor
@@ -175,10 +175,6 @@ def entries(data: dict) -> dict:
                         lambda: torch.autograd.grad(y_graph, (x_leaf, w_leaf), gy,
                                                     retain_graph=True)),
     }
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def fp8_ok(agreement: dict) -> bool:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from benchmarks.common import version
+from benchmarks.common import rel_err, version
 from kernels.lightning_attention import triton_ops
 from kernels.lightning_attention.reference import lightning_attention_chunked
 from kernels.lightning_attention.triton_ops import lightning_attention_triton
@@ -46,10 +46,6 @@ def copy_bandwidth() -> float:
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=50, rep=200, return_mode="median")
     return 2 * x.numel() / (ms * 1e-3)
-
-
-def rel_err(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def accuracy(B, T, H, D, slope) -> dict:

@@ -32,7 +32,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import fused_vs_unfused, median_ms, sweep_configs, write_checked_result
+from benchmarks.common import (fused_vs_unfused, median_ms, rel_err, sweep_configs,
+                               write_checked_result)
 
 DEVICE = "cuda"
 TARGET_SPEEDUP = 2.0
@@ -49,11 +50,6 @@ class Case:
     group_topk: int = 4
     ffn: int = 512
     scaling: float = 2.5
-
-
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # -- router -----------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ EPS = 1e-6
 
 
 def rel_err(a, b):
-    """||a - b|| / ||b|| in fp64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    """||a - b|| / ||b|| in fp64 (an all-zero b divides by 1e-30: 0 when a is zero too, e.g. the
+    gradient of an expert without tokens)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def assert_grads_match(names, grads, ref_grads, true_grads, dtype):

@@ -7,7 +7,6 @@ checked for its calling convention on meta tensors here, and against the emulati
 tests (Ring-mini shapes: 65536 rows over 256 and 32 experts, d = 2048, F = 512).
 """
 
-import contextlib
 import pathlib
 import subprocess
 import sys
@@ -18,27 +17,11 @@ import torch
 from kernels.fp8 import grouped as G
 from kernels.fp8 import grouped_reference as R
 from kernels.fp8.tensor import FP8_DTYPE, Fp8Tensor
-from tests.kernels.fp8_asserts import assert_fp8_data_match
+from tests.kernels.fp8_asserts import assert_fp8_data_match, poisoned_allocations
+from tests.kernels.kernel_testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Group sizes: empty experts, sizes that are not multiples of 16, one larger than a row tile.
 COUNTS = [13, 0, 70, 1, 0, 33]
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty returns NaN-filled floating tensors (fp8 NaN is 0x7F) while active."""
-    real = torch.empty
-
-    def empty(*size, dtype=None, **kwargs):
-        t = real(*size, dtype=dtype, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
 
 
 def assert_bitwise(a: torch.Tensor, b: torch.Tensor, what: str = ""):

@@ -12,7 +12,6 @@ a step, 2^-4 |q|; below it the step is the subnormal 2^-9, error <= 2^-10. Hence
     |x - deq(x)| <= 2^-4 |x| + 2^-10 s     (plus fp32 rounding of x/s and q*s, ~2^-23 |x|).
 """
 
-import contextlib
 
 import pytest
 import torch
@@ -20,31 +19,11 @@ import torch
 from kernels.fp8 import quantize as Q
 from kernels.fp8 import reference as R
 from kernels.fp8.tensor import AMAX_FLOOR, FP8_MAX, Fp8Tensor
-from tests.kernels.fp8_asserts import assert_fp8_data_match
+from tests.kernels.fp8_asserts import assert_fp8_data_match, poisoned_allocations
+from tests.kernels.kernel_testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # M, K: partial blocks in both dims, a single row, exact blocks.
 SHAPES = [(200, 272), (1, 16), (128, 128)]
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """torch.empty returns NaN-filled floating tensors (fp8 NaN is 0x7F) while active."""
-    real = torch.empty
-
-    def empty(*size, dtype=None, **kwargs):
-        t = real(*size, dtype=dtype, **kwargs)
-        if t.dtype == torch.float8_e4m3fn:
-            t.view(torch.uint8).fill_(0x7F)
-        elif t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
 
 
 def strides(t):

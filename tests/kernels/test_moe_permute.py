@@ -16,13 +16,7 @@ from megatron.core.transformer.moe.moe_utils import unpermute as megatron_unperm
 import kernels.moe_permute as moe_permute
 from kernels.moe_permute import reference
 from kernels.moe_permute.triton_ops import permute_triton, unpermute_triton
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.kernels.kernel_testing import DEVICE, rel_err
 
 
 @pytest.fixture

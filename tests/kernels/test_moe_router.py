@@ -32,14 +32,7 @@ from kernels.moe_router.triton_ops import sigmoid_topk_routing_triton
 from ring_train.model.router import FusedTopKRouter
 from ring_train.parallel.distributed import destroy_distributed, init_distributed
 from ring_train.parallel.megatron_patches import apply_patches
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP32_TOL = 1e-5
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from tests.kernels.kernel_testing import DEVICE, FP32_TOL, rel_err
 
 
 @dataclasses.dataclass(frozen=True)

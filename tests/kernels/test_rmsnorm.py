@@ -23,10 +23,9 @@ from kernels.rmsnorm.reference import (rms_norm_backward_reference, rms_norm_for
                                        rms_norm_reference, rms_rstd)
 from kernels.rmsnorm.triton_ops import CONFIG, check_inputs, launch_backward, launch_forward
 from kernels.swiglu.producer import Emitted
-from tests.kernels.test_swiglu import (ALL, assert_emitted_match, assert_same_forms, poisoned,
-                                       rel_err)
+from tests.kernels.kernel_testing import DEVICE, rel_err
+from tests.kernels.test_swiglu import ALL, assert_emitted_match, assert_same_forms, poisoned
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 # M = 200: partial row blocks; d = 200: a partial 128-group; d = 640: row sums over several
 # (partial) steps; an fp32 weight promotes y to fp32.

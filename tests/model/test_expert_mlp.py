@@ -17,8 +17,8 @@ from kernels.fp8 import grouped_reference as R
 from kernels.fp8.linear import WEIGHT_CACHE
 from ring_train.model import expert_mlp as M
 from ring_train.model.expert_mlp import expert_mlp
+from tests.kernels.kernel_testing import DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COUNTS = [20, 0, 45, 31]
 D, FF = 48, 32  # hidden, moe_intermediate_size (2F = 64 != d)
 FP8_TOL = 0.1

@@ -26,17 +26,13 @@ from ring_train.config.compute import ComputeConfig
 from ring_train.model.experts import GroupedExperts
 from ring_train.model.router import FusedTopKRouter
 from ring_train.testing.multiprocess import run_ranks
+from tests.kernels.kernel_testing import rel_err
 from tests.model import hybrid_layouts
 from tests.model.hybrid_layouts import Layout
 
 TOL = 1e-6
 E, D, FFN = 4, 16, 8
 SUBMODULES = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def config(**overrides):
