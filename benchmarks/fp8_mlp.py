@@ -11,34 +11,47 @@ all get gradients; .grad reset after each run) with triton.testing.do_bench (med
                           the micro-batches of one gradient-accumulation step: every run hits)
   ours/<recipe>/no-cache  fp8_linear quantising the weights on every call
                           (tensorwise_delayed: each layer keeps its DelayedScaling across runs)
+  ours/<recipe>/pair      fp8_linear_pair (PAIR_RECIPES) with a weight cache: the same two layers,
+                          the product between them (h, and dh in backward) quantised in the
+                          epilogue of the Triton GEMM that makes it (kernels/fp8/triton_gemm.py)
   torchao/tensorwise      torchao.float8.convert_to_float8_training, then torch.compile
-Before timing, each row's output and gradients are compared with an fp32 MLP on the same
-(bf16-valued) inputs. Also times each FP8 GEMM recipe alone at the MLP's three GEMM shapes and
-our quantisers at the MLP's activation shapes (bytes moved / time), and probes whether cuBLAS's
-blockwise GEMM needs the M padding fp8_gemm applies. Writes JSON through
-benchmarks.common.write_result("fp8_mlp", ...).
+Before timing, each row's output and gradients (of its second run, so that delayed scaling takes
+its scales from a history) are compared with an fp32 MLP on the same (bf16-valued) inputs.
+Also times: each FP8 GEMM recipe alone at the MLP's three GEMM shapes, with the Triton tensorwise
+GEMM beside cuBLAS; at h's shape, the Triton GEMM's quantising epilogue against cuBLAS + the
+delayed quantiser under each launch configuration of EPILOGUE_CONFIGS; our quantisers at the
+MLP's activation shapes (bytes moved / time). Probes whether cuBLAS's blockwise GEMM needs the M
+padding fp8_gemm applies. Writes JSON through benchmarks.common.write_result("fp8_mlp", ...).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
-from benchmarks.common import median_ms, rel_err, version, write_result
+from benchmarks.common import launch_config, median_ms, rel_err, version, write_result
 from kernels.fp8 import gemm as fp8_gemm_module
+from kernels.fp8 import triton_gemm
 from kernels.fp8.amax_history import AmaxHistory
 from kernels.fp8 import quantize as quantize_module
 from kernels.fp8.gemm import fp8_gemm
 from kernels.fp8.linear import RECIPES, DelayedScaling, Fp8WeightCache, fp8_linear
+from kernels.fp8.linear_pair import PAIR_RECIPES, fp8_linear_pair
 from kernels.fp8.reference import fp8_gemm_reference
 from kernels.fp8.quantize import (quantize_columns, quantize_rows, quantize_rows_and_columns,
                                   quantize_weight)
 
 DEVICE = "cuda"  # a CPU smoke run (TRITON_INTERPRET=1, tiny shapes) may replace it and the timer
+# (block_m, block_n, block_k, stages, warps) of the Triton GEMM swept at h's shape; the first is
+# triton_gemm's default.
+EPILOGUE_CONFIGS = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 64, 5, 8),
+                    (128, 256, 64, 4, 8), (128, 128, 128, 4, 4)]
 
 
 def timer(fn) -> float:
@@ -69,6 +82,8 @@ def mlp_fn(kind: str):
     recipe = kind.split("/")[1]
     cache = None if kind.endswith("no-cache") else Fp8WeightCache()
     d1, d2 = DelayedScaling.for_recipe(recipe), DelayedScaling.for_recipe(recipe)  # per layer
+    if kind.endswith("/pair"):
+        return lambda x, w1, w2: fp8_linear_pair(x, w1, w2, recipe, cache, d1, d2)
     return lambda x, w1, w2: fp8_linear(fp8_linear(x, w1, recipe, cache, d1), w2, recipe, cache,
                                         d2)
 
@@ -111,12 +126,16 @@ def bench_mlp(tokens, dim, hidden, with_torchao: bool, rounds: int) -> dict:
     ref = reference(x, w1, w2, dy)
     flops = 3 * 2 * 2 * tokens * dim * hidden  # 2 linears x (fwd, dgrad, wgrad)
     steps, rows, notes = {}, {}, {}
-    kinds = ["bf16"] + [f"ours/{r}" for r in RECIPES] + [f"ours/{r}/no-cache" for r in RECIPES]
+    kinds = (["bf16"] + [f"ours/{r}" for r in RECIPES] + [f"ours/{r}/no-cache" for r in RECIPES]
+             + [f"ours/{r}/pair" for r in PAIR_RECIPES])
     for kind in kinds:
         fn = mlp_fn(kind)
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2)]
-        out = fn(*leaves)
-        out.backward(dy)
+        for _ in range(2):  # the second run: delayed scales come from the first run's amaxes
+            for t in leaves:
+                t.grad = None
+            out = fn(*leaves)
+            out.backward(dy)
         rows[kind] = {"accuracy_rel_err": accuracy(out, [t.grad for t in leaves], ref)}
         for t in leaves:
             t.grad = None
@@ -173,6 +192,9 @@ def bench_gemms(tokens, dim, hidden) -> list[dict]:
         qa, qb = quantize_rows(a, "tensor"), quantize_rows(b, "tensor")
         row["tensorwise"] = timer(lambda: fp8_gemm(qa, qb))
         row["tensorwise_fast_accum"] = timer(lambda: fp8_gemm(qa, qb, use_fast_accum=True))
+        row["tensorwise_triton"] = timer(lambda: triton_gemm.fp8_gemm_triton(qa, qb))
+        row["tensorwise_triton_fast_accum"] = timer(
+            lambda: triton_gemm.fp8_gemm_triton(qa, qb, use_fast_accum=True))
         qa, qb = quantize_rows(a, "row"), quantize_rows(b, "row")
         row["rowwise"] = timer(lambda: fp8_gemm(qa, qb))
         row["rowwise_fast_accum"] = timer(lambda: fp8_gemm(qa, qb, use_fast_accum=True))
@@ -186,6 +208,38 @@ def bench_gemms(tokens, dim, hidden) -> list[dict]:
                           for k, v in row.items()}), flush=True)
         out.append(row)
         del a, b, qa, qb, qw
+    return out
+
+
+def bench_quantizing_epilogue(tokens, dim, hidden) -> list[dict]:
+    """At h's shape (x [tokens, dim] @ W1^T -> [tokens, hidden]): the product's rows and columns
+    FP8 forms from the Triton GEMM's quantising epilogue, against cuBLAS's bf16 GEMM followed by
+    the delayed quantiser (what fp8_linear runs), with fast accumulation under each launch
+    configuration of EPILOGUE_CONFIGS, and with precise accumulation under the default one (the
+    plain Triton GEMM timed beside)."""
+    a = quantize_rows(torch.randn(tokens, dim, device=DEVICE).bfloat16(), "tensor")
+    b = quantize_rows((torch.randn(hidden, dim, device=DEVICE) * dim ** -0.5).bfloat16(),
+                      "tensor")
+    fused_history, unfused_history = AmaxHistory(), AmaxHistory()
+    triton_gemm.fp8_gemm_quantized(a, b, fused_history)  # bootstrapped: the fused path runs
+    out = []
+    runs = [(True, c) for c in EPILOGUE_CONFIGS] + [(False, EPILOGUE_CONFIGS[0])]
+    for fast, (bm, bn, bk, stages, warps) in runs:
+        with launch_config(triton_gemm, block_m=bm, block_n=bn, block_k=bk, stages=stages,
+                           warps=warps) as cfg:
+            row = {"fast_accum": fast, "config": dataclasses.asdict(cfg),
+                   "unfused_ms": timer(lambda: quantize_rows_and_columns(
+                       fp8_gemm(a, b, use_fast_accum=fast), "tensor", unfused_history))}
+            try:
+                row["gemm_ms"] = timer(lambda: triton_gemm.fp8_gemm_triton(
+                    a, b, use_fast_accum=fast))
+                row["fused_ms"] = timer(lambda: triton_gemm.fp8_gemm_quantized(
+                    a, b, fused_history, use_fast_accum=fast))
+                row["speedup"] = row["unfused_ms"] / row["fused_ms"]
+            except OutOfResources as e:  # a tile too large for this GPU's shared memory
+                row["error"] = str(e)
+        print(json.dumps(row), flush=True)
+        out.append(row)
     return out
 
 
@@ -249,13 +303,15 @@ def main() -> None:
           f"recipes {fp8_gemm_module.GEMMS}", flush=True)
     mlp = bench_mlp(T, D, H, not args.no_torchao, args.rounds)
     gemms = bench_gemms(T, D, H)
+    epilogue = bench_quantizing_epilogue(T, D, H)
     quant = bench_quantisers(T, D, H)
     probe = probe_blockwise_unaligned_m()
     print(f"blockwise unaligned M probe: {probe}", flush=True)
     payload = {
         "shape": {"tokens": T, "dim": D, "hidden": H},
         "torchao_version": version("torchao"),
-        "mlp_fwd_bwd": mlp, "gemms_ms": gemms, "quantisers": quant,
+        "mlp_fwd_bwd": mlp, "gemms_ms": gemms, "quantizing_epilogue": epilogue,
+        "quantisers": quant,
         "blockwise_unaligned_m_probe": probe,
     }
     path = write_result("fp8_mlp", payload)

@@ -45,6 +45,10 @@ class AmaxHistory:
         self.amaxes: Tensor | None = None
         self.recorded = 0  # quantisations recorded since the history was (re)started
 
+    def is_empty(self, device: torch.device) -> bool:
+        """No amax recorded on `device` yet: the next quantisation is the bootstrap one."""
+        return self.amaxes is None or self.amaxes.device != device or self.recorded == 0
+
     def next_slot(self, device: torch.device) -> HistorySlot:
         """Claims the slot of the next quantisation on `device` (a history restarts when the
         device changes)."""

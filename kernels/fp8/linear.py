@@ -171,6 +171,15 @@ def _transposed_operand(weight: Tensor, w: Fp8Tensor) -> Fp8Tensor:
     return transpose_fp8(w)
 
 
+def quantize_layer_weight(weight: Tensor, recipe: str, cache: Optional[Fp8WeightCache],
+                          need_transposed: bool) -> tuple[Fp8Tensor, Optional[Fp8Tensor]]:
+    """(W [N, K], its dgrad operand [K, N] or None unless need_transposed) under `recipe`, from
+    `cache` where given."""
+    if cache is not None:
+        return cache.get(weight, recipe, need_transposed)
+    return _quantize_weight(weight, RECIPES[recipe].weight, need_transposed)
+
+
 def _forward(x: Tensor, weight: Tensor, recipe: str, cache: Optional[Fp8WeightCache],
              delayed: Optional[DelayedScaling], need_dx: bool, need_dw: bool
              ) -> tuple[Tensor, Optional[Fp8Tensor], Optional[Fp8Tensor]]:
@@ -183,10 +192,7 @@ def _forward(x: Tensor, weight: Tensor, recipe: str, cache: Optional[Fp8WeightCa
         x_rows, x_cols = quantize_rows_and_columns(x2, r.activation, history)
     else:
         x_rows, x_cols = quantize_rows(x2, r.activation, history), None
-    if cache is not None:
-        w, wt = cache.get(weight, recipe, need_dx)
-    else:
-        w, wt = _quantize_weight(weight, r.weight, need_dx)
+    w, wt = quantize_layer_weight(weight, recipe, cache, need_dx)
     y = fp8_gemm(x_rows, w, out_dtype=x.dtype, use_fast_accum=r.fast_accum_forward)
     return y.view(*x.shape[:-1], weight.shape[0]), x_cols, wt
 

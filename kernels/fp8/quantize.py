@@ -41,7 +41,7 @@ from .amax_history import AmaxHistory
 from .tensor import BLOCK, FP8_DTYPE, Fp8Tensor, empty_scale
 from kernels.triton_support import interpreting, use_triton
 
-from .triton_cast import fp8_cast, fp8_inverse, fp8_scale
+from .triton_cast import fp8_cast, fp8_inverse, fp8_scale, history_scale
 
 __all__ = ["quantize_rows", "quantize_columns", "quantize_rows_and_columns", "quantize_weight",
            "quantize_weight_and_transpose", "transpose_fp8", "ACTIVATION_SCALINGS",
@@ -80,7 +80,7 @@ def _line_scales(x, amax_ptr, offs, mask, pid_other, scale_ptr, stride0, stride1
     return fp8_inverse(s)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["slot"])  # one compile for every history slot
 def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
                       qr_ptr, sr_ptr, stride_sr0, stride_sr1,
                       qc_ptr, sc_ptr, stride_sc0, stride_sc1,
@@ -110,9 +110,7 @@ def _cast_tile_kernel(x_ptr, M, K, stride_xm, stride_xk,
         if GROUP == 1:
             s = fp8_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
         else:
-            i = tl.arange(0, AMAX_SLOTS)
-            amaxes = tl.load(amax_r_ptr + i, mask=(i < n_amax) & (i != slot), other=0.0)
-            s = fp8_scale(tl.max(amaxes, axis=0))
+            s = history_scale(amax_r_ptr, n_amax, slot, AMAX_SLOTS)
             if RECORD:  # amax >= 0, for which fp32 atomic_max is exact
                 tl.atomic_max(amax_r_ptr + slot, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
         q = fp8_cast(x, fp8_inverse(s), EXACT_ROUND)

@@ -5,6 +5,8 @@ activation dtype.
   fp8_scale(amax)                    max(amax, AMAX_FLOOR) / 448, correctly rounded
   fp8_inverse(s)                     1 / s, IEEE-rounded (once per group, not per element)
   fp8_cast(x, inv_s, EXACT_ROUND)    e4m3(clamp(x * inv_s, -448, 448)), round to nearest even
+  history_scale(amaxes, n, slot, S)  the delayed tensor scale: fp8_scale of the largest of n
+                                     history amaxes leaving out `slot` (amax_history.py)
   bf16_rne(x)                        fp32 x rounded to nearest-even bf16 by bit arithmetic (fp32)
   round_to_code(x, ROUND, EXACT)     fp32 x rounded to the dtype of ROUND code (ROUND_CODES in
                                      kernels/triton_support.py) and back to fp32
@@ -40,6 +42,15 @@ def fp8_inverse(scale):
     """1 / scale (fp32, any shape), rounded as torch's reciprocal. The cast multiplies by it: an
     IEEE division per element (div_rn) halved the quantisers' bandwidth on the H100."""
     return tl.math.div_rn(scale * 0.0 + 1.0, scale)
+
+
+@triton.jit
+def history_scale(amax_ptr, n_amax, slot, AMAX_SLOTS: tl.constexpr):
+    """fp8_scale of max(amax_ptr[i] for i < n_amax, i != slot); AMAX_SLOTS: a power of two
+    >= n_amax. slot -1 leaves nothing out."""
+    i = tl.arange(0, AMAX_SLOTS)
+    amaxes = tl.load(amax_ptr + i, mask=(i < n_amax) & (i != slot), other=0.0)
+    return fp8_scale(tl.max(amaxes, axis=0))
 
 
 @triton.jit
