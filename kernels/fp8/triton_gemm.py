@@ -96,8 +96,8 @@ def _fp8_gemm_kernel(a_desc, b_desc, out_desc, rows_desc, cols_desc, scale_a_ptr
         if pid == 0:
             tl.store(scale_out_ptr, scale_out)
         inv_out = fp8_inverse(scale_out)
-    # The epilogue recomputes its tile from its own counter: a value used both before and after
-    # the flattened K loop defeats the software pipeliner.
+    # The epilogue takes its tile from its own counter, not the loop's: Triton's pipelining of
+    # flattened loops cannot carry one value into both the loop's prologue and its epilogue.
     tile_out = pid - PROGRAMS
     for tile in tl.range(pid, tiles_m * tl.cdiv(N, BN), PROGRAMS, flatten=True):
         pm, pn = _tile_coords(tile, tiles_per_group, tiles_m, GROUP_M)
