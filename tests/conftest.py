@@ -13,6 +13,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def single_process():
+    """megatron-core parallel state for a job of one process (TP = PP = EP = 1)."""
+    from ring_train.parallel.distributed import destroy_distributed, init_distributed
+
+    init_distributed(seed=1234)
+    yield
+    destroy_distributed()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -21,9 +21,10 @@ interval DeepSeek-V3 uses; True accumulates in the MMA's reduced precision throu
 fast accumulation. Both give cuBLAS's results to the last digit on the H100. With fast
 accumulation the kernel runs at cuBLAS's speed; the promotion's second accumulator makes precise
 mode 1.4-1.5x slower than cuBLAS, so fp8_gemm (cuBLAS) stays every recipe's plain GEMM and this
-kernel serves where its epilogue saves a pass over the output. Needs SM90 for the wgmma path; M, N, K multiples of 16 (TMA's 16-byte strides);
-other shapes take the unfused path (fp8_gemm + quantize_rows_and_columns). CPU tensors run the
-same kernel under TRITON_INTERPRET=1, else the PyTorch reference.
+kernel serves where its epilogue saves a pass over the output. Needs SM90 for the wgmma path;
+M, N, K multiples of 16 (TMA's 16-byte strides); other shapes take the unfused path (fp8_gemm +
+quantize_rows_and_columns). CPU tensors run the same kernel under TRITON_INTERPRET=1, else the
+PyTorch reference.
 """
 
 from __future__ import annotations

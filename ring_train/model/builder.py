@@ -1,13 +1,14 @@
-"""Builds the hybrid model (a megatron-core GPTModel with our layer specs) for one stage."""
+"""Builds the hybrid model (megatron-core's GPTModel with our layer specs and cross-entropy:
+language_model.py) for one stage."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 
 from ring_train.config.model import ModelConfig
+from ring_train.model.language_model import HybridGPTModel
 from ring_train.model.layer_specs import hybrid_block_spec, mtp_block_spec
 from ring_train.model.transformer_config import HybridTransformerConfig
 
@@ -17,10 +18,10 @@ def build_model(
     config: HybridTransformerConfig,
     *,
     vp_stage: Optional[int] = None,
-) -> GPTModel:
+) -> HybridGPTModel:
     """The model chunk of this pipeline rank (and virtual stage `vp_stage`), on the current
     device, with parallel state already initialised."""
-    return GPTModel(
+    return HybridGPTModel(
         config=config,
         transformer_layer_spec=hybrid_block_spec(config, vp_stage=vp_stage),
         vocab_size=model.vocab_size,

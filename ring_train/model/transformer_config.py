@@ -130,11 +130,9 @@ def to_transformer_config(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         use_cpu_initialization=not torch.cuda.is_available(),
-        # megatron-core's fused vocab-parallel cross-entropy (its fp32 math under torch.compile:
-        # 6% faster steps of the Ring-mini proxy on an H100) goes with the fused kernels, on CUDA
-        # only: on CPU it would compile C++ at start-up for nothing.
-        cross_entropy_loss_fusion=compute.fused_kernels and torch.cuda.is_available(),
-        cross_entropy_fusion_impl="native",
+        # Our two-pass vocab-parallel cross-entropy (kernels/cross_entropy, run by
+        # model/language_model.py) goes with the fused kernels.
+        cross_entropy_loss_fusion=compute.fused_kernels,
     )
     kwargs.update(overrides)
     return HybridTransformerConfig(**kwargs)

@@ -30,7 +30,6 @@ import kernels.moe_router.logits as logits_module
 from kernels.moe_router.logits import router_logits_fp32
 from kernels.moe_router.triton_ops import sigmoid_topk_routing_triton
 from ring_train.model.router import FusedTopKRouter
-from ring_train.parallel.distributed import destroy_distributed, init_distributed
 from ring_train.parallel.megatron_patches import apply_patches
 from tests.kernels.kernel_testing import DEVICE, FP32_TOL, rel_err
 
@@ -168,13 +167,6 @@ def restore_aux_loss_scale():
     saved = MoEAuxLossAutoScaler.main_loss_backward_scale
     yield
     MoEAuxLossAutoScaler.main_loss_backward_scale = saved
-
-
-@pytest.fixture
-def single_process():
-    init_distributed(seed=1234)
-    yield
-    destroy_distributed()
 
 
 def router_config(fused: bool, **overrides):

@@ -29,7 +29,6 @@ from ring_train.model import lightning_attention as lightning_module
 from ring_train.model.builder import build_model
 from ring_train.model.norms import rms_normalize
 from ring_train.model.transformer_config import to_transformer_config
-from ring_train.parallel.distributed import destroy_distributed, init_distributed
 from ring_train.testing.global_weights import fill_global_weights
 from ring_train.training.step import packed_seq_params
 from tests.kernels.kernel_testing import (BF16_FWD_TOL, DEVICE, EPS, FP32_TOL, assert_grads_match,
@@ -190,13 +189,6 @@ def test_ring_mini_shapes_match_reference_on_gpu(s, b, silu):
 # --- the lightning layer: fused kernels on vs off ------------------------------------------------
 
 LAYER_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
-
-
-@pytest.fixture
-def single_process():
-    init_distributed(seed=1234)
-    yield
-    destroy_distributed()
 
 
 def _layer(dtype, **model_fields):
