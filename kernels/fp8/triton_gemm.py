@@ -54,9 +54,9 @@ TMA_ALIGN = 16  # elements of M, N, K: 16-byte strides of every FP8 operand and 
 
 @dataclasses.dataclass
 class KernelConfig:
-    """Launch parameters; benchmarks may replace `CONFIG` to tune; results do not depend on the
-    tile sizes' effect on anything but speed (the accumulation order along K is fixed by
-    block_k). Defaults measured fastest on the H100 at 16384 x 4096 x 16384 (benchmarks/fp8_mlp)."""
+    """Launch parameters; benchmarks may replace `CONFIG` to tune. Only speed depends on them,
+    except block_k, the interval at which precise mode promotes partial sums. Defaults: the
+    fastest of benchmarks/fp8_mlp's sweep on the H100 at 16384 x 4096 x 16384."""
     block_m: int = 128
     block_n: int = 256
     block_k: int = 128
