@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from .gemm import fp8_gemm
-from .linear import DelayedScaling, Fp8WeightCache, RECIPES, quantize_layer_weight
+from .amax_history import AmaxHistory
+from .linear import DelayedScaling, Fp8WeightCache, quantize_layer_weight
 from .quantize import quantize_columns, quantize_rows, quantize_rows_and_columns
 from .tensor import Fp8Tensor
 from .triton_gemm import fp8_gemm_quantized
@@ -45,7 +46,7 @@ __all__ = ["fp8_linear_pair", "PAIR_RECIPES"]
 PAIR_RECIPES = ("tensorwise_delayed",)
 
 
-def _quantize_input(x2: Tensor, history, rows: bool, cols: bool
+def _quantize_input(x2: Tensor, history: AmaxHistory, rows: bool, cols: bool
                     ) -> tuple[Optional[Fp8Tensor], Optional[Fp8Tensor]]:
     if rows and cols:
         return quantize_rows_and_columns(x2, "tensor", history)

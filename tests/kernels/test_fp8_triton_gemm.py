@@ -17,7 +17,7 @@ from kernels.fp8.amax_history import AmaxHistory
 from kernels.fp8.gemm import fp8_gemm
 from kernels.fp8.quantize import quantize_rows, quantize_rows_and_columns
 from kernels.fp8.reference import dequantize, fp8_gemm_reference, quantize_rows_reference
-from tests.kernels.kernel_testing import DEVICE, FP32_TOL, rel_err
+from tests.kernels.kernel_testing import FP32_TOL, rel_err
 
 SMALL_TILES = dict(block_m=32, block_n=32, block_k=32, warps=4, stages=2, programs=3)
 # M, K, N: a partial tile along each dimension, 3 x 3 output tiles over 3 programs
