@@ -4,6 +4,7 @@
   triton_runs(t)         the Triton kernels run for tensors like t: Triton is installed and t is a
                          CUDA tensor, or the interpreter is on (CPU tests)
   use_triton(t, op)      triton_runs(t), logging once per (op, path, device type) which path runs
+  sm_count(device)       streaming multiprocessors of a CUDA device (cached)
   ROUND_CODES            torch dtype -> the constexpr ROUND code of `round_to_code`
                          (kernels/fp8/triton_cast.py): what intermediate results are rounded to
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["interpreting", "triton_installed", "triton_runs", "use_triton", "log_once",
-           "ROUND_NONE", "ROUND_BF16", "ROUND_FP16", "ROUND_CODES"]
+           "sm_count", "ROUND_NONE", "ROUND_BF16", "ROUND_FP16", "ROUND_CODES"]
 
 logger = logging.getLogger(__name__)
 _logged: set[tuple] = set()
@@ -48,6 +49,12 @@ def triton_runs(t: Tensor) -> bool:
     """Whether the Triton kernels run for tensors on t's device: CUDA tensors, or any tensor under
     the interpreter, when Triton is installed; otherwise the PyTorch reference runs."""
     return triton_installed() and (t.is_cuda or interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of CUDA `device` (persistent kernels size their grids by it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def log_once(key: tuple, message: str, log: logging.Logger = logger) -> None:

@@ -45,14 +45,17 @@ class AmaxHistory:
         self.amaxes: Tensor | None = None
         self.recorded = 0  # quantisations recorded since the history was (re)started
 
+    def _kept_on(self, device: torch.device) -> bool:
+        return self.amaxes is not None and self.amaxes.device == device
+
     def is_empty(self, device: torch.device) -> bool:
         """No amax recorded on `device` yet: the next quantisation is the bootstrap one."""
-        return self.amaxes is None or self.amaxes.device != device or self.recorded == 0
+        return not self._kept_on(device) or self.recorded == 0
 
     def next_slot(self, device: torch.device) -> HistorySlot:
         """Claims the slot of the next quantisation on `device` (a history restarts when the
         device changes)."""
-        if self.amaxes is None or self.amaxes.device != device:
+        if not self._kept_on(device):
             self.amaxes = torch.zeros(self.length + 1, dtype=torch.float32, device=device)
             self.recorded = 0
         slot = self.recorded % (self.length + 1)

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from .amax_history import AmaxHistory
 from .gemm import fp8_gemm
-from .quantize import (quantize_columns, quantize_rows, quantize_rows_and_columns,
-                       quantize_weight, quantize_weight_and_transpose, transpose_fp8)
+from .quantize import (quantize_columns, quantize_forms, quantize_weight,
+                       quantize_weight_and_transpose, transpose_fp8)
 from .tensor import Fp8Tensor
 
 __all__ = ["fp8_linear", "Fp8WeightCache", "WEIGHT_CACHE", "RECIPES", "Recipe", "DelayedScaling"]
@@ -188,10 +188,7 @@ def _forward(x: Tensor, weight: Tensor, recipe: str, cache: Optional[Fp8WeightCa
     r = RECIPES[recipe]
     x2 = x.detach().reshape(-1, x.shape[-1])
     history = delayed.input if delayed is not None else None
-    if need_dw:
-        x_rows, x_cols = quantize_rows_and_columns(x2, r.activation, history)
-    else:
-        x_rows, x_cols = quantize_rows(x2, r.activation, history), None
+    x_rows, x_cols = quantize_forms(x2, r.activation, True, need_dw, history)
     w, wt = quantize_layer_weight(weight, recipe, cache, need_dx)
     y = fp8_gemm(x_rows, w, out_dtype=x.dtype, use_fast_accum=r.fast_accum_forward)
     return y.view(*x.shape[:-1], weight.shape[0]), x_cols, wt
@@ -218,12 +215,7 @@ class _Fp8Linear(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
-        history = ctx.grad_history
-        if need_dx and need_dw:
-            dy_rows, dy_cols = quantize_rows_and_columns(dy2, r.grad, history)
-        else:
-            dy_rows = quantize_rows(dy2, r.grad, history) if need_dx else None
-            dy_cols = quantize_columns(dy2, r.grad, history) if need_dw else None
+        dy_rows, dy_cols = quantize_forms(dy2, r.grad, need_dx, need_dw, ctx.grad_history)
         if need_dx:
             wt = Fp8Tensor(wt_data, wt_scale, r.weight)
             dx = fp8_gemm(dy_rows, wt, out_dtype=ctx.x_dtype).view(ctx.x_shape)

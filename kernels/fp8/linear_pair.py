@@ -34,9 +34,8 @@ import torch
 from torch import Tensor
 
 from .gemm import fp8_gemm
-from .amax_history import AmaxHistory
 from .linear import DelayedScaling, Fp8WeightCache, quantize_layer_weight
-from .quantize import quantize_columns, quantize_rows, quantize_rows_and_columns
+from .quantize import quantize_forms
 from .tensor import Fp8Tensor
 from .triton_gemm import fp8_gemm_quantized
 
@@ -46,22 +45,14 @@ __all__ = ["fp8_linear_pair", "PAIR_RECIPES"]
 PAIR_RECIPES = ("tensorwise_delayed",)
 
 
-def _quantize_input(x2: Tensor, history: AmaxHistory, rows: bool, cols: bool
-                    ) -> tuple[Optional[Fp8Tensor], Optional[Fp8Tensor]]:
-    if rows and cols:
-        return quantize_rows_and_columns(x2, "tensor", history)
-    return (quantize_rows(x2, "tensor", history) if rows else None,
-            quantize_columns(x2, "tensor", history) if cols else None)
-
-
 def _forward(x: Tensor, w1: Tensor, w2: Tensor, recipe: str, cache: Optional[Fp8WeightCache],
              d1: DelayedScaling, d2: DelayedScaling, need_x: bool, need_w1: bool, need_w2: bool
              ) -> tuple[Tensor, tuple]:
     """y [..., N] and what backward needs of (x columns, W1^T, h columns, W2^T) (None where the
     gradients asked for do not need it)."""
     need_dh = need_x or need_w1
-    x_rows, x_cols = _quantize_input(x.detach().reshape(-1, x.shape[-1]), d1.input, True,
-                                     need_w1)
+    x_rows, x_cols = quantize_forms(x.detach().reshape(-1, x.shape[-1]), "tensor", True,
+                                    need_w1, d1.input)
     w1q, w1t = quantize_layer_weight(w1, recipe, cache, need_x)
     w2q, w2t = quantize_layer_weight(w2, recipe, cache, need_dh)
     h_rows, h_cols = fp8_gemm_quantized(x_rows, w1q, d2.input, out_dtype=x.dtype,
@@ -93,8 +84,8 @@ class _Fp8LinearPair(torch.autograd.Function):
                                     if saved[i] is not None else None for i in range(0, 8, 2))
         dh_history, dy_history = ctx.grad_histories
         need_dh = need_x or need_w1
-        dy_rows, dy_cols = _quantize_input(dy.reshape(-1, dy.shape[-1]), dy_history, need_dh,
-                                           need_w2)
+        dy_rows, dy_cols = quantize_forms(dy.reshape(-1, dy.shape[-1]), "tensor", need_dh,
+                                          need_w2, dy_history)
         dx = dw1 = dw2 = None
         if need_dh:
             dh_rows, dh_cols = fp8_gemm_quantized(dy_rows, w2t, dh_history, out_dtype=x_dtype,

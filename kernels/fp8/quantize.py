@@ -4,6 +4,7 @@ Public functions (x [M, K], any strides; the result equals `reference.py` exactl
   quantize_rows(x, scaling)              data [M, K]   (forward GEMM / dgrad operand)
   quantize_columns(x, scaling)           data [K, M]   (x^T, groups along M: wgrad operand)
   quantize_rows_and_columns(x, scaling)  both, from one read of x
+  quantize_forms(x, scaling, rows, cols) whichever of the two are asked for (None for the other)
   quantize_weight(w, scaling)            w [N, K] -> data [N, K]
   quantize_weight_and_transpose(w, s)    (w, the dgrad operand of w^T [K, N]) from one read of w
   transpose_fp8(t)                       the exact FP8 operand of t^T (block128x128, tensor)
@@ -28,7 +29,6 @@ PyTorch reference (logged once).
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -39,11 +39,12 @@ from torch import Tensor
 from . import reference
 from .amax_history import AmaxHistory
 from .tensor import BLOCK, FP8_DTYPE, Fp8Tensor, empty_scale
-from kernels.triton_support import interpreting, use_triton
+from kernels.triton_support import interpreting, sm_count, use_triton
 
 from .triton_cast import fp8_cast, fp8_inverse, fp8_scale, history_scale
 
-__all__ = ["quantize_rows", "quantize_columns", "quantize_rows_and_columns", "quantize_weight",
+__all__ = ["quantize_rows", "quantize_columns", "quantize_rows_and_columns", "quantize_forms",
+           "quantize_weight",
            "quantize_weight_and_transpose", "transpose_fp8", "ACTIVATION_SCALINGS",
            "WEIGHT_SCALINGS"]
 
@@ -208,18 +209,13 @@ def _check(x: Tensor, scaling: str, allowed: tuple[str, ...], what: str) -> None
         raise ValueError(f"{what} must be bf16, fp16 or fp32, got {x.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _num_programs(x: Tensor) -> int:
     """Programs of the persistent amax sweep: AMAX_PROGRAMS_PER_SM per SM (4 in the
     interpreter), no more than there are chunks."""
     chunks = triton.cdiv(x.numel(), AMAX_CHUNK)
     if interpreting() or not x.is_cuda:
         return min(chunks, 4)
-    return min(chunks, AMAX_PROGRAMS_PER_SM * _sm_count(x.device))
+    return min(chunks, AMAX_PROGRAMS_PER_SM * sm_count(x.device))
 
 
 def _or(t: Tensor | None, default: Tensor) -> Tensor:
@@ -324,6 +320,17 @@ def quantize_rows_and_columns(x: Tensor, scaling: str, history: AmaxHistory | No
     quantize_rows."""
     _check(x, scaling, ACTIVATION_SCALINGS, "x")
     return _quantize(x, scaling, rows=True, cols=True, history=history)
+
+
+def quantize_forms(x: Tensor, scaling: str, rows: bool, columns: bool,
+                   history: AmaxHistory | None = None
+                   ) -> tuple[Fp8Tensor | None, Fp8Tensor | None]:
+    """(quantize_rows(x) if rows, quantize_columns(x) if columns), None for a form not asked for;
+    both from one read where both are asked for. history: as in quantize_rows."""
+    _check(x, scaling, ACTIVATION_SCALINGS, "x")
+    if not (rows or columns):
+        raise ValueError("quantize_forms: ask for rows, columns or both")
+    return _quantize(x, scaling, rows=rows, cols=columns, history=history)
 
 
 def quantize_weight(w: Tensor, scaling: str) -> Fp8Tensor:

@@ -23,7 +23,7 @@ accumulation the kernel runs at cuBLAS's speed; the promotion's second accumulat
 mode 1.4-1.5x slower than cuBLAS, so fp8_gemm (cuBLAS) stays every recipe's plain GEMM and this
 kernel serves where its epilogue saves a pass over the output. Needs SM90 for the wgmma path;
 M, N, K multiples of 16 (TMA's 16-byte strides); other shapes take the unfused path (fp8_gemm +
-quantize_rows_and_columns). CPU tensors run the same kernel under TRITON_INTERPRET=1, else the
+quantize_forms). CPU tensors run the same kernel under TRITON_INTERPRET=1, else the
 PyTorch reference.
 """
 
@@ -37,11 +37,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_support import ROUND_CODES, interpreting, use_triton
+from kernels.triton_support import ROUND_CODES, interpreting, sm_count, use_triton
 
 from .amax_history import AmaxHistory, HistorySlot
 from .gemm import fp8_gemm
-from .quantize import quantize_rows_and_columns
+from .quantize import quantize_forms
 from .tensor import FP8_DTYPE, Fp8Tensor, empty_scale
 from .triton_cast import fp8_cast, fp8_inverse, history_scale, round_to_code
 
@@ -154,7 +154,7 @@ def _programs(tiles: int, device: torch.device) -> int:
     if CONFIG.programs:
         n = CONFIG.programs
     elif device.type == "cuda":
-        n = torch.cuda.get_device_properties(device).multi_processor_count
+        n = sm_count(device)
     else:
         n = 3  # the interpreter: a few programs, each looping over several tiles
     return max(1, min(n, tiles))
@@ -212,15 +212,14 @@ def fp8_gemm_quantized(a: Fp8Tensor, b: Fp8Tensor, history: AmaxHistory, *,
     operand of p), columns data [N, M] (the operand of p^T, for a weight gradient), each None
     unless asked for. The first quantisation of a history (no earlier amax to take a scale from)
     and shapes the kernel does not take run fp8_gemm_triton / fp8_gemm, then quantise
-    (quantize_rows_and_columns)."""
+    (quantize_forms)."""
     _check_pair(a, b)
     if not (rows or columns):
         raise ValueError("fp8_gemm_quantized: ask for rows, columns or both")
     device = a.data.device
     if not _kernel_runs(a, b) or history.is_empty(device):
         p = fp8_gemm_triton(a, b, out_dtype, use_fast_accum=use_fast_accum)
-        q_rows, q_cols = quantize_rows_and_columns(p, "tensor", history)
-        return (q_rows if rows else None), (q_cols if columns else None)
+        return quantize_forms(p, "tensor", rows, columns, history)
     (M, _), N = a.data.shape, b.data.shape[0]
     s = history.next_slot(device)
     data_rows = torch.empty(M, N, dtype=FP8_DTYPE, device=device) if rows else None

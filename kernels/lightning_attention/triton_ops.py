@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.triton_support import interpreting
+from kernels.triton_support import interpreting, sm_count
 
 from . import triton_kernels as K
 
@@ -94,9 +94,7 @@ def plan_segments(T: int, B: int, H: int, D: int, cu_seqlens: Optional[Tensor],
 
 
 def _segment_len(tokens: int, num_seqs: int, H: int, D: int, device: torch.device) -> int:
-    sms = 1
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device) if device.type == "cuda" else 1
     blocks = max(1, D // CONFIG.fwd_block_v)  # forward programs per (segment, head)
     wanted = max(1, math.floor(CONFIG.waves * sms / (H * blocks)))  # segments that fill the GPU
     if wanted < 1.5 * num_seqs:  # cutting would add the extra launches for little parallelism

@@ -20,13 +20,7 @@ from tests.kernels.kernel_testing import DEVICE, rel_err
 RECIPE = "tensorwise_delayed"
 CHAIN_TOL = 1e-3
 FP8_TOL = 0.055
-SMALL_TILES = dict(block_m=32, block_n=32, block_k=32, warps=4, stages=2, programs=3)
-
-
-@pytest.fixture(autouse=True)
-def small_tiles():
-    with launch_config(TG, **SMALL_TILES):
-        yield
+pytestmark = pytest.mark.usefixtures("small_gemm_tiles")
 
 
 def make(B, T, K, H, N, device=DEVICE, seed=0):

@@ -69,6 +69,22 @@ def test_rows_columns_and_both_equal_the_reference(M, K, scaling):
 
 
 @pytest.mark.parametrize("scaling", Q.ACTIVATION_SCALINGS)
+def test_quantize_forms_gives_exactly_the_forms_asked_for(scaling):
+    x = make_x(96, 256, torch.bfloat16)
+    ref_rows = R.quantize_rows_reference(x, scaling)
+    ref_cols = R.quantize_columns_reference(x, scaling)
+    for rows, cols in ((True, False), (False, True), (True, True)):
+        got_rows, got_cols = Q.quantize_forms(x, scaling, rows, cols)
+        assert (got_rows is not None, got_cols is not None) == (rows, cols)
+        if rows:
+            assert_same(got_rows, ref_rows, "rows")
+        if cols:
+            assert_same(got_cols, ref_cols, "columns")
+    with pytest.raises(ValueError, match="rows, columns or both"):
+        Q.quantize_forms(x, scaling, False, False)
+
+
+@pytest.mark.parametrize("scaling", Q.ACTIVATION_SCALINGS)
 def test_fp32_and_strided_inputs_equal_the_reference(scaling):
     base = make_x(160, 300, torch.float32, seed=1)
     x = base[:, 10:282]  # row stride 300, K = 272

@@ -11,15 +11,14 @@ order): fp32 output 1e-5 relative; bf16 output within one bf16 rounding of the r
 import pytest
 import torch
 
-from benchmarks.common import launch_config
 from kernels.fp8 import triton_gemm as TG
 from kernels.fp8.amax_history import AmaxHistory
 from kernels.fp8.gemm import fp8_gemm
 from kernels.fp8.quantize import quantize_rows, quantize_rows_and_columns
 from kernels.fp8.reference import dequantize, fp8_gemm_reference, quantize_rows_reference
+from tests.kernels.fp8_asserts import assert_fp8_data_match
 from tests.kernels.kernel_testing import FP32_TOL, rel_err
 
-SMALL_TILES = dict(block_m=32, block_n=32, block_k=32, warps=4, stages=2, programs=3)
 # M, K, N: a partial tile along each dimension, 3 x 3 output tiles over 3 programs
 SHAPES = [(80, 176, 96), (96, 160, 80)]
 
@@ -33,15 +32,9 @@ def operands(M, K, N, device="cpu", seed=0, gain=1.0):
     return quantize_rows(a, "tensor"), quantize_rows(b, "tensor")
 
 
-@pytest.fixture
-def small_tiles():
-    with launch_config(TG, **SMALL_TILES):
-        yield
-
-
 @pytest.mark.parametrize("fast_accum", [False, True])
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_gemm_matches_the_reference(M, K, N, fast_accum, small_tiles):
+def test_gemm_matches_the_reference(M, K, N, fast_accum, small_gemm_tiles):
     qa, qb = operands(M, K, N, seed=M)
     ref = fp8_gemm_reference(qa, qb, torch.float32)
     out32 = TG.fp8_gemm_triton(qa, qb, torch.float32, use_fast_accum=fast_accum)
@@ -58,12 +51,12 @@ def unfused(qa, qb, history):
 
 
 def assert_same_fp8(x, y, what):
-    assert torch.equal(x.data.float(), y.data.float()), what  # (values: signed zeros may differ)
+    assert_fp8_data_match(x.data, y.data, what)
     assert torch.equal(x.scale, y.scale), what
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
-def test_quantizing_epilogue_equals_the_gemm_then_the_delayed_quantiser(M, K, N, small_tiles):
+def test_quantizing_epilogue_equals_the_gemm_then_the_delayed_quantiser(M, K, N, small_gemm_tiles):
     """Six steps of one site with a history of 2 amaxes: the bootstrap step, steady steps, an 8x
     jump (saturating under the old scale), and the window rolling past it. Rows, columns, scales
     and recorded amaxes all equal the unfused path's."""
@@ -81,7 +74,7 @@ def test_quantizing_epilogue_equals_the_gemm_then_the_delayed_quantiser(M, K, N,
     assert fused.recorded == 6
 
 
-def test_quantizing_epilogue_emits_only_the_forms_asked_for(small_tiles):
+def test_quantizing_epilogue_emits_only_the_forms_asked_for(small_gemm_tiles):
     qa, qb = operands(96, 160, 80)
     history = AmaxHistory()
     TG.fp8_gemm_quantized(qa, qb, history)  # bootstrap
@@ -93,7 +86,7 @@ def test_quantizing_epilogue_emits_only_the_forms_asked_for(small_tiles):
         TG.fp8_gemm_quantized(qa, qb, history, rows=False, columns=False)
 
 
-def test_shapes_the_kernel_does_not_take_run_the_unfused_path(small_tiles):
+def test_shapes_the_kernel_does_not_take_run_the_unfused_path(small_gemm_tiles):
     """M = 90 is no multiple of 16 (TMA strides): fp8_gemm (cuBLAS on CUDA) and the quantiser."""
     qa, qb = operands(90, 160, 80)
     h1, h2 = AmaxHistory(), AmaxHistory()
